@@ -1,0 +1,88 @@
+"""The method registry: one ``solve`` entry point for ALPS and every baseline.
+
+Each method module exposes ``Config`` (a frozen, keyword-only dataclass with a ``version`` field) and
+``solve(problem, pattern, config=None, *, callback=None) -> Result``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .config import config_from_dict
+from .problem import LayerProblem
+from .result import Callback, Result
+from .sparsity import SparsityPattern
+
+__all__ = ["METHODS", "solve", "make_config", "method_names"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    module: str  # module (relative to alps_solver) holding Config and solve
+    preset: str | None = None  # name of a Config classmethod giving this method's defaults
+    summary: str = ""
+
+    def load(self) -> Any:
+        return importlib.import_module(f"alps_solver.{self.module}")
+
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec("alps", "alps", summary="ADMM with adaptive rho + PCG backsolve (Meng et al. 2024)"),
+        MethodSpec("alps-simple", "alps", preset="simple", summary="ALPS with looser convergence, faster"),
+        MethodSpec("magnitude", "baselines.magnitude", summary="keep the largest |W|"),
+        MethodSpec("wanda", "baselines.wanda", summary="|W| * ||x||, per output row (Sun et al. 2023)"),
+        MethodSpec("sparsegpt", "baselines.sparsegpt", summary="OBS column sweep (Frantar & Alistarh 2023)"),
+        MethodSpec("dsnot", "baselines.dsnot", summary="training-free prune-and-grow (Zhang et al. 2024)"),
+        MethodSpec("admm_fixed_mask", "baselines.admm_fixed_mask", summary="gradual ADMM (Boza 2024)"),
+        MethodSpec("admm_fixed_rho", "baselines.admm_fixed_rho", summary="ALPS iteration, constant rho"),
+    )
+}
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
+
+
+def _spec(method: str) -> MethodSpec:
+    if method not in METHODS:
+        raise ValueError(f"method={method!r} is unknown; choose one of {', '.join(METHODS)}.")
+    return METHODS[method]
+
+
+def make_config(method: str, config: Any = None) -> Any:
+    """The method's config: defaults (with its preset), overridden by a dict, or a Config passed through."""
+    spec = _spec(method)
+    module = spec.load()
+    if isinstance(config, module.Config):
+        return config
+    base = getattr(module.Config, spec.preset)() if spec.preset else module.Config()
+    if not config:
+        return base
+    from dataclasses import asdict
+
+    merged = {**asdict(base), **dict(config)}
+    return config_from_dict(module.Config, merged)
+
+
+def solve(
+    problem: LayerProblem,
+    pattern: SparsityPattern | str,
+    method: str = "alps",
+    config: Any = None,
+    *,
+    callback: Callback | None = None,
+) -> Result:
+    """Prune one layer with ``method``; see the method's module for its config."""
+    spec = _spec(method)
+    module = spec.load()
+    result: Result = module.solve(problem, SparsityPattern.parse(pattern), make_config(method, config), callback=callback)
+    result.method = method
+    return result
+
+
+SolveFn = Callable[..., Result]

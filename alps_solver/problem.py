@@ -1,0 +1,141 @@
+"""One layer's pruning problem and its damped, diagonally scaled form.
+
+Objective (ALPS, Meng et al. 2024, arXiv 2406.07831, eq. 1): with calibration inputs X (n_tokens, d_in)
+and dense weights W (d_out, d_in),
+
+    minimise  ||X (W_hat - W)^T||_F^2 = tr((W_hat - W) H (W_hat - W)^T),   H = X^T X,
+
+subject to W_hat satisfying a sparsity pattern. Only H is needed, never X itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerProblem", "ScaledProblem"]
+
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_GRAM_DTYPES = (torch.float32, torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerProblem:
+    """Dense weight W (d_out, d_in) and Gram matrix H = X^T X (d_in, d_in) of one linear layer.
+
+    Optional statistics of the calibration inputs, used by some baselines: ``input_mean`` and
+    ``input_var`` (d_in,) per input channel, and ``n_tokens`` (rows of X behind H).
+    """
+
+    weight: torch.Tensor
+    gram: torch.Tensor
+    input_mean: torch.Tensor | None = None
+    input_var: torch.Tensor | None = None
+    n_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        W, H = self.weight, self.gram
+        if not isinstance(W, torch.Tensor) or W.ndim != 2:
+            raise ValueError(f"weight must be a 2-D tensor (d_out, d_in); got {_describe(W)}.")
+        if W.dtype not in _WEIGHT_DTYPES:
+            raise ValueError(f"weight dtype {W.dtype} is not supported; use one of {_names(_WEIGHT_DTYPES)}.")
+        d_in = W.shape[1]
+        if not isinstance(H, torch.Tensor) or tuple(H.shape) != (d_in, d_in):
+            raise ValueError(
+                f"gram must be the ({d_in}, {d_in}) matrix X^T X for a weight with d_in={d_in}; got {_describe(H)}."
+            )
+        if H.dtype not in _GRAM_DTYPES:
+            raise ValueError(f"gram dtype {H.dtype} is not supported; accumulate it in float32 or float64.")
+        if H.device != W.device:
+            raise ValueError(f"gram is on {H.device} but weight is on {W.device}; put both on the same device.")
+        if not bool(torch.isfinite(H).all()):
+            raise ValueError("gram has non-finite entries (inf or nan); check the calibration inputs.")
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError("weight has non-finite entries (inf or nan).")
+        for name in ("input_mean", "input_var"):
+            stat = getattr(self, name)
+            if stat is None:
+                continue
+            if not isinstance(stat, torch.Tensor) or tuple(stat.shape) != (d_in,):
+                raise ValueError(f"{name} must have shape ({d_in},); got {_describe(stat)}.")
+            if stat.device != W.device:
+                raise ValueError(f"{name} is on {stat.device} but weight is on {W.device}.")
+        if self.n_tokens is not None and (not isinstance(self.n_tokens, int) or self.n_tokens < 1):
+            raise ValueError(f"n_tokens must be a positive integer; got {self.n_tokens!r}.")
+
+    @classmethod
+    def from_inputs(cls, weight: torch.Tensor, inputs: torch.Tensor) -> LayerProblem:
+        """Build the problem from calibration inputs X (..., d_in), accumulating statistics in float64."""
+        X = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+        return cls(
+            weight=weight,
+            gram=X.T @ X,
+            input_mean=X.mean(dim=0).to(weight.device),
+            input_var=X.var(dim=0, unbiased=False).to(weight.device),
+            n_tokens=X.shape[0],
+        )
+
+    @property
+    def d_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.weight.shape[1]
+
+    def row_errors(self, weight_hat: torch.Tensor) -> torch.Tensor:
+        """(d_out,) float64: ||X (w_hat_i - w_i)||^2 for every output row i, from the undamped H."""
+        E = weight_hat.to(torch.float64) - self.weight.to(torch.float64)
+        return ((E @ self.gram.to(torch.float64)) * E).sum(dim=1)
+
+    def rel_error(self, weight_hat: torch.Tensor) -> float:
+        """||X (W_hat - W)^T||^2 / ||X W^T||^2 from the undamped H (0 for W_hat = W)."""
+        W = self.weight.to(torch.float64)
+        reference = float(((W @ self.gram.to(torch.float64)) * W).sum())
+        return float(self.row_errors(weight_hat).sum()) / max(reference, torch.finfo(torch.float64).tiny)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledProblem:
+    """The damped problem in diagonally scaled variables, as ALPS and its ADMM relatives solve it.
+
+    With H_d = H + lambda I (lambda = damping * mean(diag H)) and s = sqrt(diag H_d), the change of
+    variables B = W diag(s) turns the objective into tr((B - B0) Hs (B - B0)^T) with Hs = S^-1 H_d S^-1,
+    whose diagonal is 1. The damping keeps Hs positive definite when there are fewer tokens than inputs;
+    the unit diagonal makes one penalty rho meaningful for every layer, whatever the scale of its inputs.
+    Scaling columns does not move zeros, so a pattern on B is the same pattern on W.
+    """
+
+    Hs: torch.Tensor  # (d_in, d_in) scaled, damped Gram matrix, compute dtype
+    B0: torch.Tensor  # (d_out, d_in) scaled dense weights, compute dtype
+    scale: torch.Tensor  # (d_in,) s = sqrt(diag(H_d)), compute dtype
+    damping: float  # lambda actually added to the diagonal
+
+    @classmethod
+    def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype) -> ScaledProblem:
+        H = problem.gram.to(torch.float64)
+        lam = damping * float(H.diagonal().mean())
+        if lam <= 0:
+            # An all-zero H (a layer that never saw a non-zero input): any weights are optimal; a unit
+            # ridge keeps the algebra well defined.
+            lam = 1.0
+        Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        s = Hd.diagonal().sqrt()
+        Hs = Hd / s[:, None] / s[None, :]
+        B0 = problem.weight.to(torch.float64) * s[None, :]
+        return cls(Hs=Hs.to(dtype), B0=B0.to(dtype), scale=s.to(dtype), damping=lam)
+
+    def unscale(self, B: torch.Tensor) -> torch.Tensor:
+        """Back from scaled variables B to weights W = B diag(s)^-1."""
+        return B / self.scale[None, :]
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"{type(value).__name__}"
+
+
+def _names(dtypes: tuple[torch.dtype, ...]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)

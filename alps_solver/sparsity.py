@@ -1,0 +1,223 @@
+"""Sparsity patterns: one vocabulary for code, CLI and YAML, with projection and checking written once.
+
+A pattern describes which entries of a weight matrix W of shape (d_out, d_in) may be non-zero:
+
+- ``unstructured(s)``: a fraction ``s`` of all entries of the layer is zero.
+- ``per_row(s)``: every output row has the same fraction ``s`` of zeros.
+- ``n_m(n, m)``: in every group of ``m`` consecutive inputs of a row, ``n`` entries are kept.
+- ``input_channels(s)``: a fraction ``s`` of whole input columns is zero.
+
+Text form (``SparsityPattern.parse`` and ``str(pattern)``): ``"0.7"``, ``"rows:0.7"``, ``"2:4"``,
+``"channels:0.5"``; the spelled-out forms ``"unstructured(0.7)"``, ``"per_row(0.7)"``, ``"n_m(2, 4)"`` and
+``"input_channels(0.5)"`` parse too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+__all__ = ["PatternKind", "SparsityPattern"]
+
+
+class PatternKind(str, Enum):
+    UNSTRUCTURED = "unstructured"
+    PER_ROW = "per_row"
+    N_M = "n_m"
+    INPUT_CHANNELS = "input_channels"
+
+
+_FRACTION_KINDS = (PatternKind.UNSTRUCTURED, PatternKind.PER_ROW, PatternKind.INPUT_CHANNELS)
+_PREFIXES = {
+    "rows": PatternKind.PER_ROW,
+    "per_row": PatternKind.PER_ROW,
+    "channels": PatternKind.INPUT_CHANNELS,
+    "input_channels": PatternKind.INPUT_CHANNELS,
+    "unstructured": PatternKind.UNSTRUCTURED,
+}
+_CALL = re.compile(r"^\s*(\w+)\s*\(\s*([^)]*)\)\s*$")
+
+
+@dataclass(frozen=True)
+class SparsityPattern:
+    """Which entries of a (d_out, d_in) weight may stay non-zero. Build with the class methods."""
+
+    kind: PatternKind
+    sparsity: float = 0.0
+    n: int = 0
+    m: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", PatternKind(self.kind))
+        if self.kind in _FRACTION_KINDS:
+            if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+                raise ValueError(
+                    f"sparsity={self.sparsity!r} is out of range: it is the fraction of weights removed "
+                    "and must be in [0, 1) (e.g. 0.7 removes 70%)."
+                )
+            object.__setattr__(self, "sparsity", float(self.sparsity))
+        else:
+            if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 1:
+                raise ValueError(f"n_m({self.n!r}, {self.m!r}): N and M must be positive integers (e.g. 2:4).")
+            if self.n >= self.m:
+                raise ValueError(
+                    f"n_m({self.n}, {self.m}): N (kept) must be smaller than M (group size); "
+                    "N >= M would prune nothing. Use e.g. 2:4 or 4:8."
+                )
+            object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
+
+    # ----------------------------------------------------------------------------------- constructors
+    @classmethod
+    def unstructured(cls, sparsity: float) -> SparsityPattern:
+        return cls(PatternKind.UNSTRUCTURED, sparsity=sparsity)
+
+    @classmethod
+    def per_row(cls, sparsity: float) -> SparsityPattern:
+        return cls(PatternKind.PER_ROW, sparsity=sparsity)
+
+    @classmethod
+    def n_m(cls, n: int, m: int) -> SparsityPattern:
+        return cls(PatternKind.N_M, n=n, m=m)
+
+    @classmethod
+    def input_channels(cls, sparsity: float) -> SparsityPattern:
+        return cls(PatternKind.INPUT_CHANNELS, sparsity=sparsity)
+
+    @classmethod
+    def parse(cls, text: str | float | SparsityPattern) -> SparsityPattern:
+        """Parse ``"0.7"``, ``"rows:0.7"``, ``"2:4"``, ``"channels:0.5"`` or the spelled-out forms."""
+        if isinstance(text, SparsityPattern):
+            return text
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            return cls.unstructured(float(text))
+        raw = str(text).strip()
+        call = _CALL.match(raw)
+        try:
+            if call:
+                name, args = call.group(1), [a.strip() for a in call.group(2).split(",") if a.strip()]
+                if name == "n_m" and len(args) == 2:
+                    return cls.n_m(int(args[0]), int(args[1]))
+                if name in _PREFIXES and len(args) == 1:
+                    return cls(_PREFIXES[name], sparsity=float(args[0]))
+            elif ":" in raw:
+                head, tail = (part.strip() for part in raw.split(":", 1))
+                if head.lower() in _PREFIXES:
+                    return cls(_PREFIXES[head.lower()], sparsity=float(tail))
+                return cls.n_m(int(head), int(tail))
+            else:
+                return cls.unstructured(float(raw))
+        except ValueError as err:
+            if "could not convert" not in str(err) and "invalid literal" not in str(err):
+                raise
+        raise ValueError(
+            f"pattern {raw!r} is not understood. Use a fraction for unstructured sparsity ('0.7'), "
+            "'N:M' for N kept in every M ('2:4'), 'rows:0.7' for the same sparsity in every row, or "
+            "'channels:0.5' to remove whole input channels."
+        )
+
+    def __str__(self) -> str:
+        if self.kind is PatternKind.N_M:
+            return f"{self.n}:{self.m}"
+        prefix = {PatternKind.UNSTRUCTURED: "", PatternKind.PER_ROW: "rows:", PatternKind.INPUT_CHANNELS: "channels:"}
+        return f"{prefix[self.kind]}{self.sparsity:g}"
+
+    # ----------------------------------------------------------------------------------- shape logic
+    def validate_shape(self, d_out: int, d_in: int) -> None:
+        """Raise ValueError if a (d_out, d_in) weight cannot carry this pattern."""
+        if d_out < 1 or d_in < 1:
+            raise ValueError(f"weight shape ({d_out}, {d_in}) is empty; a layer needs at least one row and column.")
+        if self.kind is PatternKind.N_M and d_in % self.m:
+            raise ValueError(
+                f"pattern {self}: d_in={d_in} is not divisible by M={self.m}, so the input dimension cannot be "
+                f"split into groups of {self.m}. Use an M that divides {d_in}, or an unstructured pattern."
+            )
+
+    def kept_count(self, d_out: int, d_in: int) -> int:
+        """Number of entries kept (k in the paper) for a (d_out, d_in) weight."""
+        self.validate_shape(d_out, d_in)
+        if self.kind is PatternKind.UNSTRUCTURED:
+            return int(round((1.0 - self.sparsity) * d_out * d_in))
+        if self.kind is PatternKind.PER_ROW:
+            return d_out * self._kept_per_row(d_in)
+        if self.kind is PatternKind.N_M:
+            return d_out * (d_in // self.m) * self.n
+        return d_out * self._kept_columns(d_in)
+
+    def _kept_per_row(self, d_in: int) -> int:
+        return int(round((1.0 - self.sparsity) * d_in))
+
+    def _kept_columns(self, d_in: int) -> int:
+        return d_in - int(round(self.sparsity * d_in))
+
+    # ----------------------------------------------------------------------------------- projection
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Boolean mask of the entries to keep: the best the pattern allows for non-negative ``scores``.
+
+        ``scores`` has the weight's shape (d_out, d_in); larger means more worth keeping. For
+        ``input_channels`` a column's score is the sum of its entries' scores (pass squared values to get
+        the Euclidean group projection). Exactly ``kept_count`` entries are kept; ties break by index.
+        """
+        d_out, d_in = scores.shape
+        self.validate_shape(d_out, d_in)
+        if self.kind is PatternKind.UNSTRUCTURED:
+            return _topk_mask(scores.reshape(-1), self.kept_count(d_out, d_in)).reshape(d_out, d_in)
+        if self.kind is PatternKind.PER_ROW:
+            return _topk_mask(scores, self._kept_per_row(d_in))
+        if self.kind is PatternKind.N_M:
+            groups = scores.reshape(d_out, d_in // self.m, self.m)
+            return _topk_mask(groups, self.n).reshape(d_out, d_in)
+        columns = _topk_mask(scores.sum(dim=0), self._kept_columns(d_in))
+        return columns.unsqueeze(0).expand(d_out, d_in).clone()
+
+    def project(self, values: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of ``values`` onto the pattern: keep the largest entries, zero the rest."""
+        return values * self.select(values.square())
+
+    def violations(self, mask: torch.Tensor) -> list[str]:
+        """Why ``mask`` (True = kept) does not satisfy the pattern; an empty list when it does."""
+        d_out, d_in = mask.shape
+        self.validate_shape(d_out, d_in)
+        kept = mask.bool()
+        problems: list[str] = []
+        if self.kind is PatternKind.UNSTRUCTURED:
+            want = self.kept_count(d_out, d_in)
+            if int(kept.sum()) > want:
+                problems.append(f"{int(kept.sum())} entries kept, at most {want} allowed")
+        elif self.kind is PatternKind.PER_ROW:
+            want = self._kept_per_row(d_in)
+            worst = int(kept.sum(dim=1).max())
+            if worst > want:
+                problems.append(f"a row keeps {worst} entries, at most {want} allowed")
+        elif self.kind is PatternKind.N_M:
+            worst = int(kept.reshape(d_out, d_in // self.m, self.m).sum(dim=2).max())
+            if worst > self.n:
+                problems.append(f"a group of {self.m} keeps {worst} entries, at most {self.n} allowed")
+        else:
+            columns = kept.any(dim=0)
+            want = self._kept_columns(d_in)
+            if int(columns.sum()) > want:
+                problems.append(f"{int(columns.sum())} input channels used, at most {want} allowed")
+        return problems
+
+    def is_satisfied_by(self, weight_or_mask: torch.Tensor) -> bool:
+        mask = weight_or_mask if weight_or_mask.dtype == torch.bool else weight_or_mask != 0
+        return not self.violations(mask)
+
+
+def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the k largest entries along the last dimension (exactly k, ties broken by position)."""
+    size = scores.shape[-1]
+    if k >= size:
+        return torch.ones_like(scores, dtype=torch.bool)
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    # topk's cost grows with k: when most entries are kept, find the few to drop instead.
+    if k <= size // 2:
+        index = torch.topk(scores, k, dim=-1, sorted=False).indices
+        return mask.scatter_(-1, index, True)
+    index = torch.topk(scores, size - k, dim=-1, largest=False, sorted=False).indices
+    return mask.logical_not_().scatter_(-1, index, False)
