@@ -1,0 +1,55 @@
+"""The pruning flow: model -> calibration inputs -> every decoder block -> saved, verified model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from tasks.prune_config import PruneConfig
+from tasks.pruning import (
+    capture_calibration,
+    check_output_folder,
+    check_pattern_fits,
+    effective_seqlen,
+    prepare_model,
+    prune_blocks,
+    prune_report,
+    release_activations,
+    run_keys,
+    save_pruned_model,
+    store_folder,
+)
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters["config"]
+    config = config if isinstance(config, dict) else config.model_dump()
+    model = str(config["model"]).rstrip("/").split("/")[-1]
+    return f"prune-{model}-{config['method']}-{config['pattern']}"
+
+
+@flow(name="prune-model", flow_run_name=_run_name, log_prints=False)
+def prune_model(config: PruneConfig) -> dict[str, Any]:
+    """Prune ``config.model`` block by block; every step is cached, so a rerun resumes where it stopped."""
+    check_output_folder(config)
+    model = prepare_model(config.model)
+    check_pattern_fits(model, config.sparsity_pattern)
+    seqlen = effective_seqlen(model, config)
+    keys, store = run_keys(model, config, seqlen), store_folder(config)
+
+    def calibration(refresh: bool) -> dict[str, Any]:
+        capture = capture_calibration.with_options(refresh_cache=refresh)
+        return capture(key=keys["calibration"], model=model, calibration=config.calibration,
+                       nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
+                       data_dir=str(config.data_dir) if config.data_dir else None, device=config.device,
+                       batch_size=config.batch_size, store=str(store))
+
+    captured, blocks = prune_blocks(model, calibration, config, keys, store)
+    report = prune_report(model, config, seqlen, blocks)
+    output = save_pruned_model(model, blocks, config, report)
+    if not config.keep_activations:
+        release_activations([captured["inputs"]] + [block["outputs"] for block in blocks])
+    return {"output": output, **{k: report[k] for k in ("reused_blocks", "computed_blocks", "seconds")}}

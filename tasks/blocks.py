@@ -1,0 +1,206 @@
+"""Pruning one decoder block: Gram matrices from hooks, one solve per linear layer.
+
+The linear layers of a block are found by running it: forward pre-hooks see each layer's input, and
+layers that read the very same input tensor (q/k/v, gate/up) form one group sharing one H = X^T X.
+By default every layer sees the dense block's inputs (one pass, as SparseGPT and ALPS do); with
+``true_sequential`` each group is solved after the groups before it were pruned, on the inputs the
+pruned earlier groups produce.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from alps_solver import LayerProblem, SparsityPattern, solve
+
+from .calibration import BlockInputs
+
+__all__ = ["LayerReport", "Solved", "prune_block", "discover_groups"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: list[int]
+    group: str
+    method: str
+    pattern: str
+    target_sparsity: float
+    achieved_sparsity: float
+    rel_error: float
+    rel_error_before_backsolve: float | None
+    iterations: int
+    status: str
+    seconds: float
+    solver: dict[str, Any] = field(default_factory=dict)  # the Result summary: history, rho, backsolve
+
+
+Solved = tuple[LayerReport, torch.Tensor]  # a layer's report and its pruned weight
+
+
+class _GramCollector:
+    """Accumulates H, the input sum and the sum of squares for the groups it is asked to watch."""
+
+    def __init__(self, block: nn.Module, gram_dtype: torch.dtype) -> None:
+        self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        self.gram_dtype = gram_dtype
+        self.order: list[str] = []  # linear names in execution order
+        self.group_of: dict[str, str] = {}  # linear name -> its group's first member
+        self.watch: set[str] = set()  # groups to accumulate
+        self.stats: dict[str, dict[str, Any]] = {}
+        self._last_input: torch.Tensor | None = None
+        self._last_group = ""
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            shared = x is self._last_input
+            if name not in self.group_of:
+                self.order.append(name)
+                self.group_of[name] = self._last_group if shared else name
+            group = self.group_of[name]
+            self._last_input, self._last_group = x, group
+            if shared or group not in self.watch:
+                return
+            X = x.detach().reshape(-1, x.shape[-1])
+            Xg = X.to(self.gram_dtype)
+            s = self.stats.setdefault(group, {
+                "gram": torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device),
+                "sum": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
+                "sumsq": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
+                "n": 0,
+            })
+            # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
+            s["gram"] += (Xg.T @ Xg).to(torch.float64)
+            X64 = X.to(torch.float64)
+            s["sum"] += X64.sum(dim=0)
+            s["sumsq"] += X64.square().sum(dim=0)
+            s["n"] += X.shape[0]
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._last_input, self._last_group = None, ""
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._last_input = None
+
+    def groups(self) -> list[list[str]]:
+        ordered: dict[str, list[str]] = {}
+        for name in self.order:
+            ordered.setdefault(self.group_of[name], []).append(name)
+        return list(ordered.values())
+
+    def problem(self, name: str) -> LayerProblem:
+        s = self.stats[self.group_of[name]]
+        mean = s["sum"] / s["n"]
+        var = (s["sumsq"] / s["n"] - mean.square()).clamp_min(0.0)
+        weight = self.linears[name].weight.detach()
+        return LayerProblem(
+            weight=weight.to(torch.float32),
+            gram=s["gram"],
+            input_mean=mean.to(weight.device),
+            input_var=var.to(weight.device),
+            n_tokens=s["n"],
+        )
+
+
+@torch.inference_mode()
+def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: _GramCollector) -> None:
+    for start in range(0, inputs.hidden.shape[0], batch_size):
+        block(inputs.hidden[start : start + batch_size], **inputs.kwargs)
+        collector.end_batch()
+
+
+def discover_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
+    """The block's linear layers in execution order, grouped by shared input (one sample is enough)."""
+    collector = _GramCollector(block, torch.float32)
+    try:
+        one = BlockInputs(hidden=inputs.hidden[:1], kwargs=inputs.kwargs)
+        _forward(block, one, 1, collector)
+        return collector.groups()
+    finally:
+        collector.close()
+
+
+def prune_block(
+    block: nn.Module,
+    inputs: BlockInputs,
+    pattern: SparsityPattern,
+    method: str,
+    method_config: dict[str, Any] | None,
+    *,
+    true_sequential: bool = False,
+    batch_size: int = 8,
+    gram_dtype: torch.dtype = torch.float32,
+    map_solves: Callable[[Callable[[str], Solved], Sequence[str]], list[Solved]] | None = None,
+) -> list[LayerReport]:
+    """Prune every linear layer of ``block`` in place; returns one report per layer, in execution order.
+
+    ``map_solves(fn, names)`` runs the independent solves of a stage (default: one after another); the
+    pipeline passes a task-runner map here to solve layers in parallel.
+    """
+    groups = discover_groups(block, inputs)
+    stages = [[g] for g in groups] if true_sequential else [groups]
+    mapper = map_solves or (lambda fn, names: [fn(n) for n in names])
+    reports: list[LayerReport] = []
+    for stage in stages:
+        collector = _GramCollector(block, gram_dtype)
+        collector.watch = {group[0] for group in stage}
+        try:
+            _forward(block, inputs, batch_size, collector)
+        finally:
+            collector.close()
+        names = [name for group in stage for name in group]
+        problems = {name: collector.problem(name) for name in names}
+
+        def solve_one(name: str) -> Solved:
+            return _solve_linear(name, collector.group_of[name], problems[name], pattern, method, method_config)
+
+        for name, (report, weight) in zip(names, mapper(solve_one, names)):
+            module = collector.linears[name]
+            module.weight.data = weight.to(device=module.weight.device, dtype=module.weight.dtype)
+            reports.append(report)
+    return reports
+
+
+def _solve_linear(
+    name: str,
+    group: str,
+    problem: LayerProblem,
+    pattern: SparsityPattern,
+    method: str,
+    method_config: dict[str, Any] | None,
+) -> Solved:
+    start = time.perf_counter()
+    result = solve(problem, pattern, method=method, config=method_config)
+    report = LayerReport(
+        name=name,
+        shape=list(problem.weight.shape),
+        group=group,
+        method=method,
+        pattern=str(pattern),
+        target_sparsity=pattern.sparsity,
+        achieved_sparsity=result.sparsity,
+        rel_error=result.rel_error,
+        rel_error_before_backsolve=result.rel_error_before_backsolve,
+        iterations=result.iterations,
+        status=result.status.value,
+        seconds=time.perf_counter() - start,
+        solver=result.summary(),
+    )
+    logger.debug("%-24s %s err %.5f it %3d %5.2fs", name, result.status.value, result.rel_error,
+                 result.iterations, report.seconds)
+    return report, result.weight

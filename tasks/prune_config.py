@@ -1,0 +1,73 @@
+"""The pruning flow's parameters as one validated object (pydantic at the boundary, per the style guide)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from alps_solver import SparsityPattern, make_config, method_names
+from alps_solver.config import config_to_dict
+
+__all__ = ["PruneConfig", "PIPELINE_VERSION", "stable_hash"]
+
+# Bump when a change to capture, block solving or reassembly changes results: it is part of every cache key.
+PIPELINE_VERSION = 1
+
+
+class PruneConfig(BaseModel):
+    """Everything that decides a pruning run's result, plus where it reads and writes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    method: str = Field("alps", description="solver method: " + ", ".join(method_names()))
+    method_config: dict[str, Any] = Field(default_factory=dict, description="overrides of the method's config")
+    pattern: str = Field("0.7", description="'0.7' (unstructured), '2:4', 'rows:0.7' or 'channels:0.5'")
+    calibration: str = Field("c4", description="calibration data set (c4, wikitext2, pydoc, ...)")
+    nsamples: int = Field(128, ge=1, description="calibration windows")
+    seqlen: int = Field(2048, ge=2, description="tokens per window (capped by the model's context)")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    true_sequential: bool = Field(False, description="solve each layer group on inputs of the pruned groups before it")
+    gram_dtype: Literal["float32", "float64"] = "float32"
+    batch_size: int = Field(8, ge=1, description="calibration samples per block forward")
+    output: Path = Field(Path("out"), description="folder for the pruned model (save_pretrained layout)")
+    overwrite: bool = False
+    cache_dir: Path | None = Field(None, description="task results and activations; default $ALPS_CACHE_DIR/runs")
+    data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR")
+    keep_activations: bool = Field(False, description="keep every block's calibration activations after success")
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        return str(SparsityPattern.parse(value))
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in method_names():
+            raise ValueError(f"method={value!r} is unknown; choose one of {', '.join(method_names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _method_config(self) -> PruneConfig:
+        make_config(self.method, self.method_config)  # raises ValueError naming a bad field
+        return self
+
+    @property
+    def sparsity_pattern(self) -> SparsityPattern:
+        return SparsityPattern.parse(self.pattern)
+
+    def solver_config(self) -> dict[str, Any]:
+        """The method's full config (defaults filled in), as the cache keys see it."""
+        return config_to_dict(make_config(self.method, self.method_config))
+
+
+def stable_hash(*parts: Any) -> str:
+    """Short sha256 of JSON-serialisable parts, for cache keys and folder names."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:32]
