@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .admm import RhoSchedule, run_admm
-from .config import require
+from .config import COMPUTE_DTYPES, require, require_compute_dtype, require_version
 from .pcg import masked_pcg
 from .problem import LayerProblem, ScaledProblem
 from .result import BacksolveRecord, Callback, Result, Status
@@ -27,8 +27,6 @@ from .sparsity import SparsityPattern
 __all__ = ["Config", "solve", "backsolve"]
 
 log = logging.getLogger(__name__)
-
-_COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +43,7 @@ class Config:
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        require(self.version == 1, "version", self.version, "this solver implements config version 1")
+        require_version(self.version)
         require(self.damping >= 0, "damping", self.damping, "must be >= 0")
         require(isinstance(self.max_iter, int) and self.max_iter >= 1, "max_iter", self.max_iter,
                 "must be an integer >= 1")
@@ -53,8 +51,7 @@ class Config:
         require(isinstance(self.pcg_max_iter, int) and self.pcg_max_iter >= 0, "pcg_max_iter",
                 self.pcg_max_iter, "must be an integer >= 0")
         require(self.pcg_rtol > 0, "pcg_rtol", self.pcg_rtol, "must be > 0")
-        require(self.compute_dtype in _COMPUTE_DTYPES, "compute_dtype", self.compute_dtype,
-                f"must be one of {sorted(_COMPUTE_DTYPES)}")
+        require_compute_dtype(self.compute_dtype)
 
     @classmethod
     def simple(cls) -> Config:
@@ -75,7 +72,7 @@ def solve(
     config = config or Config()
     pattern.validate_shape(problem.d_out, problem.d_in)
     start = time.perf_counter()
-    dtype = _COMPUTE_DTYPES[config.compute_dtype]
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
     scaled = ScaledProblem.build(problem, config.damping, dtype)
     setup = time.perf_counter()
     outcome = run_admm(scaled, pattern, config.schedule, max_iter=config.max_iter, callback=callback)

@@ -10,7 +10,13 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-__all__ = ["require", "config_from_dict", "config_to_dict"]
+import torch
+
+__all__ = [
+    "COMPUTE_DTYPES", "require", "require_version", "require_compute_dtype", "config_from_dict", "config_to_dict",
+]
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 C = TypeVar("C")
 
@@ -19,6 +25,14 @@ def require(condition: bool, field: str, value: Any, allowed: str) -> None:
     """Raise ValueError naming the field, its value and what is allowed, unless ``condition`` holds."""
     if not condition:
         raise ValueError(f"{field}={value!r} is invalid: {allowed}.")
+
+
+def require_version(version: int) -> None:
+    require(version == 1, "version", version, "this solver implements config version 1")
+
+
+def require_compute_dtype(name: str) -> None:
+    require(name in COMPUTE_DTYPES, "compute_dtype", name, f"must be one of {sorted(COMPUTE_DTYPES)}")
 
 
 def config_from_dict(cls: type[C], data: dict[str, Any] | C | None) -> C:

@@ -115,13 +115,13 @@ class ScaledProblem:
     @classmethod
     def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype) -> ScaledProblem:
         H = problem.gram.to(torch.float64)
-        lam = damping * float(H.diagonal().mean())
-        if lam <= 0:
-            # An all-zero H (a layer that never saw a non-zero input): any weights are optimal; a unit
-            # ridge keeps the algebra well defined.
-            lam = 1.0
+        mean_diagonal = float(H.diagonal().mean())
+        # An all-zero H (a layer that never saw a non-zero input) makes any weights optimal; a unit ridge
+        # keeps the algebra defined. Otherwise the ridge is exactly what was asked for, 0 included.
+        lam = damping * mean_diagonal if mean_diagonal > 0 else 1.0
         Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
         s = Hd.diagonal().sqrt()
+        s = torch.where(s > 0, s, torch.ones_like(s))  # dead inputs without damping: leave them unscaled
         Hs = Hd / s[:, None] / s[None, :]
         B0 = problem.weight.to(torch.float64) * s[None, :]
         return cls(Hs=Hs.to(dtype), B0=B0.to(dtype), scale=s.to(dtype), damping=lam)

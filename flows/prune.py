@@ -8,6 +8,7 @@ from prefect import flow
 
 from tasks.prune_config import PruneConfig
 from tasks.pruning import (
+    cached_in,
     capture_calibration,
     check_output_folder,
     check_pattern_fits,
@@ -41,11 +42,10 @@ def prune_model(config: PruneConfig) -> dict[str, Any]:
     keys, store = run_keys(model, config, seqlen), store_folder(config)
 
     def calibration(refresh: bool) -> dict[str, Any]:
-        capture = capture_calibration.with_options(refresh_cache=refresh)
-        return capture(key=keys["calibration"], model=model, calibration=config.calibration,
+        return cached_in(capture_calibration, store, refresh)(key=keys["calibration"], model=model, calibration=config.calibration,
                        nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
                        data_dir=str(config.data_dir) if config.data_dir else None, device=config.device,
-                       batch_size=config.batch_size, store=str(store))
+                       batch_size=config.batch_size, store=str(store), threads=config.threads)
 
     captured, blocks = prune_blocks(model, calibration, config, keys, store)
     report = prune_report(model, config, seqlen, blocks)

@@ -1,26 +1,28 @@
 """Reading and writing Hugging Face safetensors checkpoints tensor by tensor.
 
 Pruning touches one decoder block at a time, so nothing here loads a whole model: tensors are read by
-name from the (single or sharded) ``model.safetensors`` files of a folder, and written back in shards.
+name from the (single or sharded) ``model.safetensors`` files of a folder, and written back one by one in
+the same file layout.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import math
+import shutil
+import struct
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ModelReferenceError
 
-__all__ = ["Checkpoint", "write_sharded", "SINGLE_FILE", "INDEX_FILE"]
+__all__ = ["Checkpoint", "write_like", "SINGLE_FILE", "INDEX_FILE"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 class Checkpoint:
@@ -75,51 +77,49 @@ class Checkpoint:
                     yield name, handle.get_tensor(name)
 
 
-def write_sharded(
-    tensors: Iterator[tuple[str, torch.Tensor]],
+def write_like(
+    original: Checkpoint,
     folder: Path,
-    *,
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    replacement: Callable[[str], torch.Tensor | None],
 ) -> list[str]:
-    """Write ``(name, tensor)`` pairs as safetensors shards the way ``save_pretrained`` names them.
+    """Write a checkpoint with ``original``'s files, names, dtypes and shapes into ``folder``.
 
-    One shard is written as ``model.safetensors``; more get ``model-0000i-of-0000n.safetensors`` and an
-    index. Only one shard's tensors are held in memory at a time. Returns the file names written.
+    ``replacement(name)`` gives a tensor to store instead of the original one (same shape, cast to the
+    original dtype), or None to copy the original. Tensors stream to disk one at a time, so memory does
+    not grow with the model. Returns the file names written.
     """
     folder = Path(folder)
-    current: dict[str, torch.Tensor] = {}
-    written: list[Path] = []
-    size = 0
-    metadata = {"format": "pt"}
+    for file in sorted(set(original.weight_map.values())):
+        with safe_open(original.folder / file, framework="pt") as handle:
+            names = list(handle.keys())
+            entries, offset = {}, 0
+            for name in names:
+                part = handle.get_slice(name)
+                shape, dtype = list(part.get_shape()), part.get_dtype()
+                nbytes = _DTYPE_BYTES[dtype] * math.prod(shape)
+                entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+                offset += nbytes
+            metadata = handle.metadata() or {"format": "pt"}
+            header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+            header += b" " * (-len(header) % 8)  # data starts 8-byte aligned, as safetensors writes it
+            with open(folder / file, "wb") as out:
+                out.write(struct.pack("<Q", len(header)))
+                out.write(header)
+                for name in names:
+                    tensor = replacement(name)
+                    stored = handle.get_tensor(name)
+                    if tensor is None:
+                        tensor = stored
+                    elif tuple(tensor.shape) != tuple(stored.shape):
+                        raise ValueError(f"replacement for {name} has shape {tuple(tensor.shape)}, "
+                                         f"expected {tuple(stored.shape)}")
+                    data = tensor.detach().to("cpu", stored.dtype).contiguous().reshape(-1).view(torch.uint8)
+                    out.write(data.numpy().tobytes())
+    index = original.folder / INDEX_FILE
+    if index.is_file():
+        shutil.copy2(index, folder / INDEX_FILE)
+    return sorted(set(original.weight_map.values()))
 
-    def flush(shard: dict[str, torch.Tensor]) -> None:
-        path = folder / f"shard-{len(written):05d}.tmp.safetensors"
-        save_file({n: t.contiguous() for n, t in shard.items()}, str(path), metadata=metadata)
-        written.append(path)
 
-    weight_map: dict[str, int] = {}
-    for name, tensor in tensors:
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush(current)
-            current, size = {}, 0
-        current[name] = tensor
-        weight_map[name] = len(written)
-        size += nbytes
-    flush(current)
-
-    if len(written) == 1:
-        final = [folder / SINGLE_FILE]
-    else:
-        total = len(written)
-        final = [folder / f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    for temporary, path in zip(written, final):
-        temporary.rename(path)
-    if len(final) > 1:
-        total_size = sum(p.stat().st_size for p in final)
-        index = {
-            "metadata": {"total_size": total_size},
-            "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
-        }
-        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    return [p.name for p in final]
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

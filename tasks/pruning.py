@@ -35,7 +35,7 @@ from alps_solver import SparsityPattern
 from .adapters import adapter_for, build_block, decoder_layer_class, linear_names
 from .blocks import prune_block
 from .calibration import capture_block_inputs, load_block_inputs, run_block, save_block_inputs
-from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, write_sharded
+from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, write_like
 from .data import calibration_windows
 from .errors import AlpsError, ModelReferenceError
 from .models import ModelKind, resolve_device, resolve_model
@@ -49,6 +49,7 @@ __all__ = [
     "check_output_folder",
     "check_pattern_fits",
     "run_keys",
+    "cached_in",
     "capture_calibration",
     "solve_block",
     "prune_blocks",
@@ -83,6 +84,15 @@ def _key_from_parameters(context: TaskRunContext, parameters: dict[str, Any]) ->
     return parameters["key"]
 
 
+def cached_in(task_, store: Path, refresh: bool = False):
+    """``task_`` with its results and cache records kept under ``store``, recomputed if ``refresh``.
+
+    Keeping the records beside the files they point at means a cache folder is self-contained: another
+    folder never serves a record whose files live elsewhere.
+    """
+    return task_.with_options(result_storage=Path(store) / "results", refresh_cache=refresh or None)
+
+
 def store_folder(config: PruneConfig) -> Path:
     return Path(config.cache_dir or cache_root() / "runs").expanduser().resolve()
 
@@ -106,6 +116,12 @@ def _save_atomically(path: Path, write) -> dict[str, Any]:
     finally:
         temporary.unlink(missing_ok=True)
     return _file_record(path)
+
+
+def use_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count for this task (None leaves torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:
@@ -209,9 +225,10 @@ def effective_seqlen(model: dict[str, Any], config: PruneConfig) -> int:
 @task(name="capture-calibration", persist_result=True, cache_key_fn=_key_from_parameters)
 def capture_calibration(
     key: str, model: dict[str, Any], calibration: str, nsamples: int, seqlen: int, seed: int,
-    data_dir: str | None, device: str, batch_size: int, store: str,
+    data_dir: str | None, device: str, batch_size: int, store: str, threads: int | None = None,
 ) -> dict[str, Any]:
     """Calibration windows through the stem: the inputs of block 0, saved as safetensors."""
+    use_threads(threads)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model["folder"])
     tokens = calibration_windows(calibration, tokenizer, nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -230,9 +247,10 @@ def capture_calibration(
       cache_key_fn=_key_from_parameters)
 def solve_block(
     key: str, index: int, model: dict[str, Any], inputs: dict[str, Any], solver: dict[str, Any],
-    batch_size: int, device: str, store: str,
+    batch_size: int, device: str, store: str, threads: int | None = None,
 ) -> dict[str, Any]:
     """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs."""
+    use_threads(threads)
     if not file_is_intact(inputs):
         raise StaleInputs(f"block {index}: input activations {inputs['path']} are missing or damaged")
     started = time.perf_counter()
@@ -274,9 +292,10 @@ def solve_block(
 def _call_block(index: int, key: str, model: dict[str, Any], inputs: dict[str, Any], config: PruneConfig,
                 solver: dict[str, Any], store: Path, refresh: bool) -> tuple[dict[str, Any], bool]:
     """Run (or fetch from cache) one block; returns its result and whether it came from the cache."""
-    task_ = solve_block.with_options(refresh_cache=True) if refresh else solve_block
+    task_ = cached_in(solve_block, store, refresh)
     state = task_(key=key, index=index, model=model, inputs=inputs, solver=solver,
-                  batch_size=config.batch_size, device=config.device, store=str(store), return_state=True)
+                  batch_size=config.batch_size, device=config.device, store=str(store), threads=config.threads,
+                  return_state=True)
     result = state.result()  # raises the task's exception (e.g. StaleInputs)
     return result, state.name == "Cached"
 
@@ -363,12 +382,19 @@ def save_pruned_model(model: dict[str, Any], blocks: list[dict[str, Any]], confi
         for item in source.iterdir():
             if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
                 shutil.copy2(item, temporary / item.name)
-        pruned = {}
+        pruned_in = {}  # tensor name -> the block file holding its pruned value
         for block in blocks:
             with safe_open(block["weights"]["path"], framework="pt") as handle:
-                pruned.update({name: handle.get_tensor(name) for name in handle.keys()})
+                pruned_in.update({name: block["weights"]["path"] for name in handle.keys()})
+
+        def replacement(name: str) -> torch.Tensor | None:
+            if name not in pruned_in:
+                return None
+            with safe_open(pruned_in[name], framework="pt") as handle:
+                return handle.get_tensor(name)
+
         original = Checkpoint(source)
-        write_sharded(((n, pruned.get(n, t)) for n, t in original.iter_tensors()), temporary)
+        write_like(original, temporary, replacement)
         manifest = _verify(original, Checkpoint(temporary), blocks, config.sparsity_pattern)
         atomic_write_json(temporary / MANIFEST_FILE, manifest)
         atomic_write_json(temporary / REPORT_FILE, report)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .. import alps
 from ..admm import RhoSchedule
-from ..config import require
+from ..config import require, require_version
 from ..problem import LayerProblem
 from ..result import Callback, Result
 from ..sparsity import SparsityPattern
@@ -32,7 +32,7 @@ class Config:
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        require(self.version == 1, "version", self.version, "this solver implements config version 1")
+        require_version(self.version)
         require(self.rho > 0, "rho", self.rho, "must be > 0")
         self.as_alps()  # validates the remaining fields with ALPS's own checks
 

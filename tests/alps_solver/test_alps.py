@@ -264,3 +264,16 @@ def test_rel_error_from_undamped_gram():
     problem = random_problem(4, 8, 30, seed=12)
     assert problem.rel_error(problem.weight) == 0.0
     assert problem.rel_error(torch.zeros_like(problem.weight)) == pytest.approx(1.0)
+
+
+def test_zero_damping_adds_no_ridge_and_dead_inputs_stay_finite():
+    problem = random_problem(4, 8, 30, seed=13)
+    assert ScaledProblem.build(problem, damping=0.0, dtype=torch.float64).damping == 0.0
+    gram = problem.gram.clone()
+    gram[2, :] = 0.0
+    gram[:, 2] = 0.0  # input 2 was zero on every token
+    dead = LayerProblem(weight=problem.weight, gram=gram)
+    scaled = ScaledProblem.build(dead, damping=0.0, dtype=torch.float64)
+    assert torch.isfinite(scaled.Hs).all() and torch.isfinite(scaled.B0).all()
+    assert ScaledProblem.build(LayerProblem(weight=problem.weight, gram=torch.zeros(8, 8, dtype=torch.float64)),
+                               damping=0.01, dtype=torch.float64).damping == 1.0

@@ -1,0 +1,244 @@
+"""The pruning flow end to end on tiny random LLaMA and OPT models, under the Prefect test harness."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from alps_solver import SparsityPattern
+from flows.prune import prune_model
+from tasks.errors import AlpsError, DataError, ModelReferenceError
+from tasks.prune_config import PruneConfig
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = 49152  # the bundled SmolLM2 tokenizer's, used for calibration text
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tasks.models import locate_model
+
+    return AutoTokenizer.from_pretrained(locate_model("smollm2-135m").location)
+
+
+def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hidden: int = 64,
+               intermediate: int = 128, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    if kind == "llama":
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                             max_position_embeddings=128, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    else:
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=layers,
+                           num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=128)
+        model = OPTForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def config_for(model_dir: Path, tmp: Path, **overrides) -> PruneConfig:
+    settings = dict(model=str(model_dir), method="alps", pattern="0.5", calibration="pydoc", nsamples=4, seqlen=32,
+                    device="cpu", output=tmp / "out", cache_dir=tmp / "cache", batch_size=2)
+    settings.update(overrides)
+    return PruneConfig(**settings)
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(file, framework="pt") as handle:
+            out.update({name: handle.get_tensor(name) for name in handle.keys()})
+    return out
+
+
+def is_block_linear(name: str) -> bool:
+    return ".layers." in name and name.endswith(("proj.weight", "fc1.weight", "fc2.weight"))
+
+
+@pytest.mark.parametrize(("kind", "pattern", "true_sequential"),
+                         [("llama", "0.5", False), ("llama", "2:4", True), ("opt", "0.7", False)])
+def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, true_sequential):
+    model_dir = save_model(tmp_path / "model", tokenizer, kind)
+    result = prune_model(config_for(model_dir, tmp_path, pattern=pattern, true_sequential=true_sequential))
+    output = Path(result["output"])
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output)  # transformers loads it as is
+    assert reloaded.config.model_type == kind
+    with torch.no_grad():
+        logits = reloaded(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+    before, after = tensors_of(model_dir), tensors_of(output)
+    assert set(before) == set(after)
+    p = SparsityPattern.parse(pattern)
+    pruned = [n for n in after if is_block_linear(n)]
+    assert len(pruned) == 2 * (7 if kind == "llama" else 6)
+    for name, tensor in after.items():
+        if name in pruned:
+            assert p.violations(tensor != 0) == [], name
+            assert int((tensor != 0).sum()) == p.kept_count(*tensor.shape)
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed"
+
+    manifest = json.loads((output / "sparsity_manifest.json").read_text())
+    assert set(manifest["tensors"]) == set(pruned)
+    report = json.loads((output / "prune_report.json").read_text())
+    layers = [layer for block in report["blocks"] for layer in block["layers"]]
+    assert len(layers) == len(pruned)
+    assert all(layer["achieved_sparsity"] == pytest.approx(p.sparsity, abs=0.01) for layer in layers)
+    assert all(0 <= layer["rel_error"] <= 1 for layer in layers)
+    assert report["computed_blocks"] == [0, 1] and report["reused_blocks"] == []
+
+
+def test_rerun_reuses_blocks_and_a_changed_parameter_recomputes(prefect_harness, tokenizer, tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
+    first = prune_model(config_for(model_dir, tmp_path))
+    weights = tensors_of(Path(first["output"]))
+
+    again = prune_model(config_for(model_dir, tmp_path, overwrite=True))
+    assert again["reused_blocks"] == [0, 1, 2] and again["computed_blocks"] == []
+    assert all(torch.equal(t, weights[n]) for n, t in tensors_of(Path(again["output"])).items())
+
+    changed = prune_model(config_for(model_dir, tmp_path, pattern="0.6", overwrite=True))
+    assert changed["computed_blocks"] == [0, 1, 2]
+    method = prune_model(config_for(model_dir, tmp_path, pattern="0.6", method="wanda", overwrite=True))
+    assert method["computed_blocks"] == [0, 1, 2]
+
+
+def test_damaged_cache_file_is_recomputed(prefect_harness, tokenizer, tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
+    first = prune_model(config_for(model_dir, tmp_path))
+    expected = tensors_of(Path(first["output"]))
+    block_files = sorted((tmp_path / "cache" / "blocks").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    damaged = block_files[1]
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
+
+    rerun = prune_model(config_for(model_dir, tmp_path, overwrite=True))
+    assert 1 in rerun["computed_blocks"] and 2 in rerun["reused_blocks"]
+    assert all(torch.equal(t, expected[n]) for n, t in tensors_of(Path(rerun["output"])).items())
+
+
+RUN_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from flows.prune import prune_model
+    from tasks.prune_config import PruneConfig
+    result = prune_model(PruneConfig.model_validate_json(sys.argv[1]))
+    print("RESULT " + json.dumps(result))
+""")
+
+
+def _subprocess_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env["PREFECT_API_URL"] = PREFECT_API_URL.value()  # the harness's server: no second server to orphan
+    return env
+
+
+def test_resume_after_sigkill_is_bit_identical(prefect_harness, tokenizer, tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=6, hidden=128, intermediate=256)
+    reference = prune_model(config_for(model_dir, tmp_path / "reference", nsamples=8, seqlen=64))
+
+    config = config_for(model_dir, tmp_path / "resumed", nsamples=8, seqlen=64)
+    blocks = tmp_path / "resumed" / "cache" / "blocks"
+    process = subprocess.Popen([sys.executable, "-c", RUN_SCRIPT, config.model_dump_json()], cwd=REPO,
+                               env=_subprocess_env(), start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if blocks.is_dir() and len(list(blocks.glob("*.safetensors"))) >= 2:
+            break
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in blocks.glob("*.safetensors")}
+    assert 2 <= len(finished) < 6, "the kill must land in the middle of the run"
+    assert not (tmp_path / "resumed" / "out").exists(), "a killed run leaves no output folder"
+
+    resumed = prune_model(config)
+    assert 0 in resumed["reused_blocks"] and resumed["computed_blocks"], resumed
+    assert len(resumed["reused_blocks"]) >= len(finished) - 1  # the last file may predate its cache record
+    # Blocks that had finished were not recomputed: their files are untouched. Only the newest file may be
+    # rewritten, when the kill fell between writing it and Prefect recording the task's result.
+    for path in sorted(finished, key=finished.get)[:-1]:
+        assert path.stat().st_mtime_ns == finished[path], f"{path.name} was rewritten although its block had finished"
+    want, got = tensors_of(Path(reference["output"])), tensors_of(Path(resumed["output"]))
+    assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "text"),
+    [
+        ({"model": "no/such-model-here"}, AlpsError, "hub"),
+        ({"model": "./missing-folder.gguf"}, ModelReferenceError, "no GGUF file"),
+        ({"pattern": "3:7"}, AlpsError, "not divisible by M=7"),
+        ({"calibration": "wikitext2", "data_dir": "EMPTY"}, DataError, "wikitext2"),
+    ],
+)
+def test_bad_input_fails_clearly_and_leaves_no_output(prefect_harness, tokenizer, tmp_path, overrides, error, text):
+    model_dir = save_model(tmp_path / "model", tokenizer)
+    if overrides.get("data_dir") == "EMPTY":
+        overrides["data_dir"] = tmp_path / "empty"
+        overrides["data_dir"].mkdir()
+    with pytest.raises(error) as info:
+        prune_model(config_for(model_dir, tmp_path, **overrides))
+    assert text in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("overrides", "field"), [({"pattern": "1.2"}, "sparsity"), ({"pattern": "4:4"}, "N (kept)"),
+                                                  ({"method": "obs"}, "method"), ({"seqlen": 1}, "seqlen"),
+                                                  ({"method_config": {"max_iter": 0}}, "max_iter")])
+def test_bad_settings_are_rejected_before_running(tmp_path, overrides, field):
+    with pytest.raises(ValidationError) as info:
+        config_for(tmp_path / "model", tmp_path, **overrides)
+    assert field in str(info.value)
+
+
+def test_non_empty_output_needs_overwrite(prefect_harness, tokenizer, tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("user data")
+    with pytest.raises(AlpsError, match="--overwrite"):
+        prune_model(config_for(model_dir, tmp_path))
+    assert (tmp_path / "out" / "keep.txt").read_text() == "user data"
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+MEMORY_SCRIPT = RUN_SCRIPT + textwrap.dedent("""
+    import resource
+    print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+""")
+
+
+def _peak_rss_kb(model_dir: Path, tmp: Path) -> int:
+    config = config_for(model_dir, tmp, method="magnitude", nsamples=2, seqlen=16)
+    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, config.model_dump_json()], cwd=REPO,
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(l for l in done.stdout.splitlines() if l.startswith("PEAK_RSS_KB"))
+    return int(line.split()[1])
+
+
+def test_peak_memory_does_not_grow_with_depth(prefect_harness, tokenizer, tmp_path):
+    # Blocks of 38 MB each: a pipeline that held the whole model would need 450 MB more for 16 blocks
+    # than for 4, about 40% of the process's footprint.
+    shallow = save_model(tmp_path / "m4", tokenizer, layers=4, hidden=768, intermediate=3072)
+    deep = save_model(tmp_path / "m16", tokenizer, layers=16, hidden=768, intermediate=3072)
+    peak4 = _peak_rss_kb(shallow, tmp_path / "run4")
+    peak16 = _peak_rss_kb(deep, tmp_path / "run16")
+    assert abs(peak16 - peak4) / peak4 < 0.25, (peak4, peak16)
