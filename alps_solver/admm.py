@@ -177,7 +177,7 @@ def run_admm(
             rho=rho,
             support_change=change,
             support_change_frac=frac,
-            rel_error=scaled_error(pattern.project(B)),
+            rel_error=scaled_error(D),
         )
         history.append(record)
         log.debug("admm it=%d rho=%.4g change=%.5f err=%.5f", iteration, rho, frac, record.rel_error)

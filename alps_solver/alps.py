@@ -78,10 +78,12 @@ def solve(
     outcome = run_admm(scaled, pattern, config.schedule, max_iter=config.max_iter, callback=callback)
     admm_done = time.perf_counter()
     weight = scaled.unscale(outcome.B)
-    before = problem.rel_error(weight)
     record = None
     if config.backsolve:
         weight, record = backsolve(problem, scaled, outcome.mask, weight, config)
+        before = record.rel_error_before
+    else:
+        before = problem.rel_error(weight)
     done = time.perf_counter()
     after = record.rel_error_after if record else before
     log.debug("alps %s: %s after %d iterations, error %.5f -> %.5f", pattern, outcome.status.value,
@@ -133,8 +135,8 @@ def backsolve(
         converged_rows=outcome.converged_rows,
         rows=mask.shape[0],
         max_rel_residual=outcome.max_rel_residual,
-        rel_error_before=problem.rel_error(weight),
-        rel_error_after=problem.rel_error(refined),
+        rel_error_before=float(rows_before.sum()) / problem.reference_error,
+        rel_error_after=float(torch.minimum(rows_before, rows_after).sum()) / problem.reference_error,
         reverted_rows=int(worse.sum()),
         seconds=time.perf_counter() - start,
     )

@@ -11,6 +11,7 @@ subject to W_hat satisfying a sparsity pattern. Only H is needed, never X itself
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -89,11 +90,15 @@ class LayerProblem:
         E = weight_hat.to(torch.float64) - self.weight.to(torch.float64)
         return ((E @ self.gram.to(torch.float64)) * E).sum(dim=1)
 
+    @cached_property
+    def reference_error(self) -> float:
+        """||X W^T||^2, the error of pruning everything: the denominator of ``rel_error`` (computed once)."""
+        W = self.weight.to(torch.float64)
+        return max(float(((W @ self.gram.to(torch.float64)) * W).sum()), torch.finfo(torch.float64).tiny)
+
     def rel_error(self, weight_hat: torch.Tensor) -> float:
         """||X (W_hat - W)^T||^2 / ||X W^T||^2 from the undamped H (0 for W_hat = W)."""
-        W = self.weight.to(torch.float64)
-        reference = float(((W @ self.gram.to(torch.float64)) * W).sum())
-        return float(self.row_errors(weight_hat).sum()) / max(reference, torch.finfo(torch.float64).tiny)
+        return float(self.row_errors(weight_hat).sum()) / self.reference_error
 
 
 @dataclass(frozen=True, eq=False)

@@ -25,7 +25,7 @@ class CheckRecord:
     rho: float  # penalty in force after this check's update
     support_change: int  # entries whose kept/dropped state changed since the previous check
     support_change_frac: float  # support_change / k
-    rel_error: float  # relative error of the projected iterate, in the scaled damped problem
+    rel_error: float  # relative error of the sparse iterate D, in the scaled damped problem
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from alps_solver import LayerProblem, SparsityPattern, solve
 
 from .calibration import BlockInputs
 
-__all__ = ["LayerReport", "Solved", "prune_block", "discover_groups"]
+__all__ = ["LayerReport", "Solved", "collect_layer_problems", "discover_groups", "prune_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,24 +156,39 @@ def prune_block(
     stages = [[g] for g in groups] if true_sequential else [groups]
     mapper = map_solves or (lambda fn, names: [fn(n) for n in names])
     reports: list[LayerReport] = []
+    linears = dict(block.named_modules())
+    group_of = {name: group[0] for group in groups for name in group}
     for stage in stages:
-        collector = _GramCollector(block, gram_dtype)
-        collector.watch = {group[0] for group in stage}
-        try:
-            _forward(block, inputs, batch_size, collector)
-        finally:
-            collector.close()
-        names = [name for group in stage for name in group]
-        problems = {name: collector.problem(name) for name in names}
+        problems = collect_layer_problems(block, inputs, stage, batch_size=batch_size, gram_dtype=gram_dtype)
+        names = list(problems)
 
         def solve_one(name: str) -> Solved:
-            return _solve_linear(name, collector.group_of[name], problems[name], pattern, method, method_config)
+            return _solve_linear(name, group_of[name], problems[name], pattern, method, method_config)
 
         for name, (report, weight) in zip(names, mapper(solve_one, names)):
-            module = collector.linears[name]
+            module = linears[name]
             module.weight.data = weight.to(device=module.weight.device, dtype=module.weight.dtype)
             reports.append(report)
     return reports
+
+
+def collect_layer_problems(
+    block: nn.Module,
+    inputs: BlockInputs,
+    groups: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 8,
+    gram_dtype: torch.dtype = torch.float32,
+) -> dict[str, LayerProblem]:
+    """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of every layer in
+    ``groups``, layers of one group sharing one H. Keys follow the groups' order."""
+    collector = _GramCollector(block, gram_dtype)
+    collector.watch = {group[0] for group in groups}
+    try:
+        _forward(block, inputs, batch_size, collector)
+    finally:
+        collector.close()
+    return {name: collector.problem(name) for group in groups for name in group}
 
 
 def _solve_linear(

@@ -1,0 +1,143 @@
+"""Layer benchmark: every solver method on real layer problems (W, H) of the bundled model.
+
+Captures the inputs of a few decoder blocks of SmolLM2-135M on C4 train windows (dense model, as the
+pruning flow does), builds each chosen linear layer's problem, and runs each method at each pattern.
+Prints a table of mean relative error and seconds per (method, pattern), the ALPS/SparseGPT ratios the
+issues set targets for, and the ADMM iteration's achieved matmul rate next to the machine's; writes all
+of it as JSON.
+
+    python bench/layer_bench.py --data-dir ../shared/data --nsamples 32 --seqlen 512 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from alps_solver import solve  # noqa: E402
+from tasks.adapters import build_block  # noqa: E402
+from tasks.blocks import collect_layer_problems, discover_groups  # noqa: E402
+from tasks.calibration import capture_block_inputs, run_block  # noqa: E402
+from tasks.data import calibration_windows  # noqa: E402
+from tasks.models import locate_model  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask"]
+PATTERNS = ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"]
+
+
+def capture_problems(args: argparse.Namespace) -> dict[str, object]:
+    folder = Path(locate_model(args.model).location)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokens = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
+                                 seed=0, data_dir=args.data_dir)
+    device = torch.device("cpu")
+    inputs = capture_block_inputs(folder, tokens, device=device, batch_size=4)
+    problems = {}
+    for index in range(max(args.blocks) + 1):
+        block = build_block(folder, index, torch.float32, device)
+        if index in args.blocks:
+            groups = discover_groups(block, inputs)
+            chosen = [[n for n in g if n.split(".")[-1] in args.layers] for g in groups]
+            found = collect_layer_problems(block, inputs, [g for g in chosen if g], batch_size=4)
+            problems.update({f"block{index:02d}.{name}": p for name, p in found.items()})
+        inputs.hidden = run_block(block, inputs, batch_size=4)  # dense outputs feed the next block
+    return problems
+
+
+def matmul_rate(d_out: int, d_in: int, repeats: int = 20) -> float:
+    """Measured GFLOP/s of the ADMM weight step's product (d_out, d_in) x (d_in, d_in), float32."""
+    A, B = torch.randn(d_out, d_in), torch.randn(d_in, d_in)
+    A @ B
+    start = time.perf_counter()
+    for _ in range(repeats):
+        A @ B
+    return 2 * d_out * d_in * d_in * repeats / (time.perf_counter() - start) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration", default="c4")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
+    parser.add_argument("--layers", nargs="+", default=["q_proj", "o_proj", "up_proj", "down_proj"])
+    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--patterns", nargs="+", default=PATTERNS)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "layer_bench.json"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    started = time.perf_counter()
+    problems = capture_problems(args)
+    print(f"captured {len(problems)} layer problems from blocks {args.blocks} "
+          f"({args.nsamples} x {args.seqlen} = {args.nsamples * args.seqlen} tokens of {args.calibration}) "
+          f"in {time.perf_counter() - started:.0f} s", flush=True)
+
+    rows = []
+    for pattern in args.patterns:
+        for method in args.methods:
+            errors, seconds, iteration_rates, machine_rates = [], [], [], []
+            for name, problem in problems.items():
+                result = solve(problem, pattern, method=method)
+                errors.append(result.rel_error)
+                seconds.append(result.seconds)
+                if method.startswith("alps") and result.iterations:
+                    d_out, d_in = problem.weight.shape
+                    per_iteration = result.timings["admm"] / result.iterations
+                    iteration_rates.append(2 * d_out * d_in * d_in / per_iteration / 1e9)
+                    machine_rates.append(matmul_rate(d_out, d_in))
+            row = {"method": method, "pattern": pattern, "layers": len(errors),
+                   "mean_rel_error": sum(errors) / len(errors), "mean_seconds": sum(seconds) / len(seconds),
+                   "errors": errors, "seconds": seconds}
+            if iteration_rates:
+                row["admm_gflops"] = sum(iteration_rates) / len(iteration_rates)
+                row["matmul_gflops"] = sum(machine_rates) / len(machine_rates)
+            rows.append(row)
+            print(f"{pattern:>5} {method:16s} error {row['mean_rel_error']:.5f}  seconds {row['mean_seconds']:.3f}"
+                  + (f"  ADMM {row['admm_gflops']:.0f} of {row['matmul_gflops']:.0f} GFLOP/s" if iteration_rates else ""),
+                  flush=True)
+
+    def cell(method: str, pattern: str) -> dict:
+        return next(r for r in rows if r["method"] == method and r["pattern"] == pattern)
+
+    summary = {}
+    if "alps" in args.methods and "sparsegpt" in args.methods:
+        for pattern in args.patterns:
+            a, s = cell("alps", pattern), cell("sparsegpt", pattern)
+            summary[pattern] = {"alps_over_sparsegpt_error": a["mean_rel_error"] / s["mean_rel_error"],
+                                "alps_over_sparsegpt_seconds": a["mean_seconds"] / s["mean_seconds"]}
+            if "alps-simple" in args.methods:
+                summary[pattern]["alps_simple_over_sparsegpt_seconds"] = (
+                    cell("alps-simple", pattern)["mean_seconds"] / s["mean_seconds"])
+    print(json.dumps(summary, indent=1))
+
+    lines = ["| pattern | " + " | ".join(args.methods) + " |", "|---" * (len(args.methods) + 1) + "|"]
+    for pattern in args.patterns:
+        cells = [f"{cell(m, pattern)['mean_rel_error']:.4f} ({cell(m, pattern)['mean_seconds']:.2f} s)"
+                 for m in args.methods]
+        lines.append(f"| {pattern} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "output"}
+    settings["torch_threads"] = torch.get_num_threads()
+    output.write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary, "table": table}, indent=1))
+    print(f"wrote {output} ({time.perf_counter() - started:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()
