@@ -45,9 +45,8 @@ def capture_problems(args: argparse.Namespace) -> dict[str, object]:
     for index in range(max(args.blocks) + 1):
         block = build_block(folder, index, torch.float32, device)
         if index in args.blocks:
-            groups = discover_groups(block, inputs)
-            chosen = [[n for n in g if n.split(".")[-1] in args.layers] for g in groups]
-            found = collect_layer_problems(block, inputs, [g for g in chosen if g], batch_size=4)
+            chosen = [n for g in discover_groups(block, inputs) for n in g if n.split(".")[-1] in args.layers]
+            found = collect_layer_problems(block, inputs, chosen, batch_size=4)
             problems.update({f"block{index:02d}.{name}": p for name, p in found.items()})
         inputs.hidden = run_block(block, inputs, batch_size=4)  # dense outputs feed the next block
     return problems

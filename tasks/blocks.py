@@ -159,8 +159,8 @@ def prune_block(
     linears = dict(block.named_modules())
     group_of = {name: group[0] for group in groups for name in group}
     for stage in stages:
-        problems = collect_layer_problems(block, inputs, stage, batch_size=batch_size, gram_dtype=gram_dtype)
-        names = list(problems)
+        names = [name for group in stage for name in group]
+        problems = collect_layer_problems(block, inputs, names, batch_size=batch_size, gram_dtype=gram_dtype)
 
         def solve_one(name: str) -> Solved:
             return _solve_linear(name, group_of[name], problems[name], pattern, method, method_config)
@@ -175,20 +175,24 @@ def prune_block(
 def collect_layer_problems(
     block: nn.Module,
     inputs: BlockInputs,
-    groups: Sequence[Sequence[str]],
+    names: Sequence[str],
     *,
     batch_size: int = 8,
     gram_dtype: torch.dtype = torch.float32,
 ) -> dict[str, LayerProblem]:
-    """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of every layer in
-    ``groups``, layers of one group sharing one H. Keys follow the groups' order."""
+    """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of each named linear
+    layer; layers reading the same input share one H. Keys follow ``names``."""
+    leader = {name: group[0] for group in discover_groups(block, inputs) for name in group}
+    unknown = sorted(set(names) - set(leader))
+    if unknown:
+        raise KeyError(f"no linear layers named {unknown} run in this block; it has {sorted(leader)}")
     collector = _GramCollector(block, gram_dtype)
-    collector.watch = {group[0] for group in groups}
+    collector.watch = {leader[name] for name in names}
     try:
         _forward(block, inputs, batch_size, collector)
     finally:
         collector.close()
-    return {name: collector.problem(name) for group in groups for name in group}
+    return {name: collector.problem(name) for name in names}
 
 
 def _solve_linear(

@@ -343,7 +343,8 @@ def prune_blocks(model: dict[str, Any], calibration_task, config: PruneConfig, k
         update_progress_artifact(progress, progress=100.0 * (index + 1) / count)
         done = index + 1
         eta = (time.perf_counter() - started) / done * (count - done)
-        _log().info("progress: %d/%d blocks (%.0f%%), about %.0f s left", done, count, 100 * done / count, eta)
+        filled = round(20 * done / count)
+        _log().info("[%s%s] %d/%d blocks, about %.0f s left", "#" * filled, "-" * (20 - filled), done, count, eta)
     return calibration, results
 
 

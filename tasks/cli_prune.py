@@ -1,0 +1,104 @@
+"""``alps prune``: run the pruning flow from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, reports_user_errors
+from .errors import SettingError
+
+__all__ = ["prune_command"]
+
+
+def _method_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values as JSON where they parse, else strings); ``a.b=1`` nests."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SettingError("--config", pair, "expected key=value", "e.g. --config max_iter=100")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = overrides
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return overrides
+
+
+@app.command("prune")
+@reports_user_errors
+def prune_command(
+    model: ModelOption = "smollm2-135m",
+    method: Annotated[str, typer.Option("--method", help="alps, alps-simple, sparsegpt, wanda, magnitude, dsnot, "
+                                        "admm_fixed_mask or admm_fixed_rho.")] = "alps",
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Unstructured sparsity, e.g. 0.7 "
+                                                      "(same as --pattern 0.7).", show_default=False)] = None,
+    pattern: Annotated[Optional[str], typer.Option("--pattern", help="'0.7', '2:4', '4:8', 'rows:0.7' or "
+                                                   "'channels:0.5'.", show_default=False)] = None,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration data set: c4, wikitext2, pydoc (needs no "
+                                       "data root), ...")] = "c4",
+    nsamples: Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Tokens per window (capped by the model).")] = 2048,
+    seed: Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")] = 0,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned model.")] = Path("out"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")] = False,
+    config: Annotated[Optional[list[str]], typer.Option("--config", help="Method setting key=value, repeatable "
+                                                        "(e.g. max_iter=100, schedule.rho_init=0.3).")] = None,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Solve each layer group on the "
+                                                  "outputs of the already pruned groups.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per block forward.")] = 8,
+    gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")] = "float32",
+    device: DeviceOption = "auto",
+    threads: ThreadsOption = None,
+    cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Task results and activations "
+                                                      "(default $ALPS_CACHE_DIR/runs).", show_default=False)] = None,
+    data_dir: DataDirOption = None,
+    keep_activations: Annotated[bool, typer.Option("--keep-activations", help="Keep block activations after "
+                                                   "a successful run.")] = False,
+) -> None:
+    """Prune a model block by block into a Hugging Face folder; a rerun resumes from the cache."""
+    from pydantic import ValidationError
+
+    from flows.prune import prune_model
+
+    from .prune_config import PruneConfig
+
+    if sparsity is not None and pattern is not None:
+        raise SettingError("--sparsity/--pattern", f"{sparsity}/{pattern}", "both given",
+                           "give one: --sparsity 0.7 or --pattern 2:4")
+    chosen = pattern if pattern is not None else str(sparsity if sparsity is not None else 0.7)
+    try:
+        settings = PruneConfig(
+            model=model, method=method, method_config=_method_overrides(config or []), pattern=chosen,
+            calibration=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
+            true_sequential=true_sequential, gram_dtype=gram_dtype, batch_size=batch_size, threads=threads,
+            output=output, overwrite=overwrite, cache_dir=cache_dir, data_dir=data_dir,
+            keep_activations=keep_activations,
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise SettingError(field, first.get("input"), first["msg"], "see `alps prune --help`") from None
+    result = prune_model(settings)
+
+    report = json.loads((Path(result["output"]) / "prune_report.json").read_text())
+    table = Table(title=f"{settings.model} pruned with {settings.method} at {settings.pattern}")
+    for column in ("block", "mean error", "worst layer error", "iterations", "seconds", "cached"):
+        table.add_column(column, justify="right")
+    for block in report["blocks"]:
+        errors = [layer["rel_error"] for layer in block["layers"]]
+        table.add_row(str(block["index"]), f"{sum(errors) / len(errors):.5f}", f"{max(errors):.5f}",
+                      str(sum(layer["iterations"] for layer in block["layers"])), f"{block['seconds']:.1f}",
+                      "yes" if block["cached"] else "")
+    console.print(table)
+    console.print(f"mean layer error {report['mean_rel_error']:.5f}; reused {len(result['reused_blocks'])} "
+                  f"blocks, computed {len(result['computed_blocks'])}; model saved to {result['output']}")
