@@ -1,0 +1,92 @@
+"""Files on disk: the cache root, content hashes and atomic writes (temporary path, then rename).
+
+A reader never sees a half-written file or folder: everything is written under a temporary name in the
+destination's own folder (same file system) and renamed into place in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CACHE_DIR_ENV",
+    "atomic_directory",
+    "atomic_write_json",
+    "atomic_write_text",
+    "cache_root",
+    "sha256_file",
+]
+
+CACHE_DIR_ENV = "ALPS_CACHE_DIR"
+_DEFAULT_CACHE_DIR = Path("~/.cache/alps")
+_HASH_CHUNK_BYTES = 1 << 22
+_FILE_MODE = 0o644
+_FOLDER_MODE = 0o755
+
+
+def cache_root() -> Path:
+    """The folder for converted models and other cached artefacts: ``$ALPS_CACHE_DIR`` or ``~/.cache/alps``."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    return Path(configured).expanduser() if configured else _DEFAULT_CACHE_DIR.expanduser()
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in chunks so large weight files never sit in memory whole."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (parent folders are created); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(temporary, _FILE_MODE)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_json(path: Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON to ``path`` atomically; returns ``path``."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_directory(destination: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``destination``; on success it is renamed to ``destination``.
+
+    If another process created ``destination`` first, its folder wins and ours is discarded (both hold
+    the same content by construction: callers key destinations by content). On error nothing is left.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+    try:
+        yield temporary
+        os.chmod(temporary, _FOLDER_MODE)  # mkdtemp creates 0700
+        try:
+            os.rename(temporary, destination)
+        except OSError:
+            if not destination.is_dir():
+                raise
+            shutil.rmtree(temporary, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
