@@ -40,7 +40,7 @@ from .data import calibration_windows
 from .errors import AlpsError, ModelReferenceError
 from .models import ModelKind, resolve_device, resolve_model
 from .prune_config import PIPELINE_VERSION, PruneConfig, stable_hash
-from .storage import atomic_write_json, cache_root, sha256_file
+from .storage import atomic_write, atomic_write_json, cache_root, sha256_file
 
 __all__ = [
     "StaleInputs",
@@ -108,14 +108,8 @@ def file_is_intact(record: dict[str, Any]) -> bool:
 
 
 def _save_atomically(path: Path, write) -> dict[str, Any]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return _file_record(path)
+    """Write a file atomically and return its record (path, size, sha256)."""
+    return _file_record(atomic_write(path, write))
 
 
 def use_threads(threads: int | None) -> None:

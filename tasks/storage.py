@@ -11,13 +11,14 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "atomic_write",
     "atomic_directory",
     "atomic_write_json",
     "atomic_write_text",
@@ -47,20 +48,28 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (parent folders are created); returns ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Let ``write(temporary_path)`` create the file, then rename it to ``path``; returns ``path``.
+
+    Parent folders are created; on any error the temporary file is removed and ``path`` is untouched.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write(Path(temporary))
         os.chmod(temporary, _FILE_MODE)  # mkstemp creates 0600; results are meant to be shared
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (parent folders are created); returns ``path``."""
+    return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: Path, data: Any) -> Path:
