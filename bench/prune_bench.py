@@ -1,0 +1,116 @@
+"""Model benchmark: prune the bundled model with several methods and patterns, then measure perplexity.
+
+Each configuration runs the real pruning flow (`alps prune`) in its own process, so wall time and peak
+memory (the process's peak RSS) are those of one user run; then the pruned model's WikiText-2
+perplexity is measured with the papers' protocol. All runs share one cache folder, so the calibration
+capture is computed once and reused, as a user's sweep would; the first run's time includes it.
+Results are appended to a JSON file as each run finishes, and a markdown table is printed at the end.
+
+    python bench/prune_bench.py --data-dir ../shared/data --nsamples 32 --seqlen 512 --ppl-windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ALPS = str(Path(sys.executable).with_name("alps"))
+
+
+def run(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
+    """Run a command; returns (wall seconds, that process's peak RSS in MB, its output).
+
+    The peak comes from a small Python wrapper that runs the command and reads ``RUSAGE_CHILDREN``,
+    which in a fresh process is exactly the one child's peak.
+    """
+    wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(code)")
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", wrapper, *command], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    log = done.stdout + done.stderr
+    peak = next((int(line.split()[1]) / 1024 for line in log.splitlines() if line.startswith("MAXRSS_KB")), None)
+    return seconds, peak, log
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration", default="c4")
+    parser.add_argument("--data-dir", default=os.environ.get("ALPS_DATA_DIR"))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--methods", nargs="+", default=["alps", "sparsegpt", "wanda", "magnitude"])
+    parser.add_argument("--patterns", nargs="+", default=["0.5", "0.7", "2:4"])
+    parser.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--work", default=None, help="folder for cache and pruned models (default: temporary)")
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "prune_bench.json"))
+    args = parser.parse_args()
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="alps-prune-bench-"))
+    env = dict(os.environ, PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90", OMP_NUM_THREADS=str(args.threads))
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    record = {"settings": vars(args), "runs": []}
+
+    dense_ppl = [ALPS, "ppl", "--model", args.model, "--datasets", "wikitext2", "--seqlen", "2048",
+                 "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output",
+                 str(work / "ppl-dense.json")]
+    if args.data_dir:
+        dense_ppl += ["--data-dir", args.data_dir]
+    run(dense_ppl, env)
+    dense = json.loads((work / "ppl-dense.json").read_text())["results"][0]["perplexity"]
+    record["dense_wikitext2_ppl"] = dense
+    print(f"dense WikiText-2 perplexity {dense:.3f}", flush=True)
+
+    for pattern in args.patterns:
+        for method in args.methods:
+            name = f"{method}-{pattern.replace(':', 'of')}"
+            command = [
+                ALPS, "prune", "--model", args.model, "--method", method, "--pattern", pattern,
+                "--calib", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                "--output", str(work / name), "--cache-dir", str(work / "cache"), "--threads", str(args.threads),
+                "--overwrite",
+            ] + (["--data-dir", args.data_dir] if args.data_dir else [])
+            seconds, peak_mb, _ = run(command, env)
+            ppl_command = [ALPS, "ppl", "--model", str(work / name), "--datasets", "wikitext2", "--seqlen", "2048",
+                           "--max-windows", str(args.ppl_windows), "--threads", str(args.threads),
+                           "--output", str(work / f"ppl-{name}.json")]
+            if args.data_dir:
+                ppl_command += ["--data-dir", args.data_dir]
+            run(ppl_command, env)
+            ppl = json.loads((work / f"ppl-{name}.json").read_text())["results"][0]["perplexity"]
+            report = json.loads((work / name / "prune_report.json").read_text())
+            row = {"method": method, "pattern": pattern, "wall_seconds": seconds, "peak_rss_mb": peak_mb,
+                   "wikitext2_ppl": ppl, "mean_layer_error": report["mean_rel_error"],
+                   "solve_seconds": report["seconds"]}
+            record["runs"].append(row)
+            output.write_text(json.dumps(record, indent=1))
+            print(f"{pattern:>5} {method:10s} ppl {ppl:9.3f}  layer error {row['mean_layer_error']:.5f}  "
+                  f"wall {seconds:6.0f} s  peak {peak_mb or 0:6.0f} MB", flush=True)
+
+    lines = [f"Dense WikiText-2 perplexity: {dense:.2f}", "",
+             "| pattern | method | WikiText-2 ppl | mean layer error | wall time (s) | peak RSS (MB) |",
+             "|---|---|---|---|---|---|"]
+    for row in record["runs"]:
+        lines.append(f"| {row['pattern']} | {row['method']} | {row['wikitext2_ppl']:.2f} | "
+                     f"{row['mean_layer_error']:.4f} | {row['wall_seconds']:.0f} | {row['peak_rss_mb'] or 0:.0f} |")
+    record["table"] = "\n".join(lines)
+    output.write_text(json.dumps(record, indent=1))
+    print(record["table"])
+
+
+if __name__ == "__main__":
+    main()
