@@ -98,6 +98,9 @@ def main(
         handlers=[RichHandler(console=error_console, show_path=False)],
         force=True,
     )
+    # HTTP clients log every request at INFO (Prefect's API calls): noise for a user.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 @app.command("models")

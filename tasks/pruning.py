@@ -60,6 +60,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+MANIFEST_FILE = "sparsity_manifest.json"
+REPORT_FILE = "prune_report.json"
+
 
 def _log() -> logging.Logger | logging.LoggerAdapter:
     """The Prefect run logger inside a flow or task run (shown in the UI and console), else the module's."""
@@ -67,9 +70,6 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
         return get_run_logger()
     except MissingContextError:
         return logger
-
-MANIFEST_FILE = "sparsity_manifest.json"
-REPORT_FILE = "prune_report.json"
 
 
 class StaleInputs(Exception):
@@ -261,7 +261,7 @@ def solve_block(
     )
     outputs = run_block(block, block_inputs, batch_size)
 
-    prefix = f"{adapter_for(AutoConfig.from_pretrained(folder)).block_prefix(index)}"
+    prefix = adapter_for(AutoConfig.from_pretrained(folder)).block_prefix(index)
     stored = Checkpoint(folder).with_prefix(prefix)  # the stored dtypes are kept on save
     tensors = {prefix + n: t.detach().to("cpu", stored[n].dtype) for n, t in block.state_dict().items()}
     weights = _save_atomically(Path(store) / "blocks" / f"{key}.safetensors",
