@@ -22,7 +22,10 @@ from alps_solver import LayerProblem, SparsityPattern, solve
 
 from .calibration import BlockInputs
 
-__all__ = ["LayerReport", "Solved", "collect_layer_problems", "discover_groups", "prune_block"]
+__all__ = [
+    "LayerReport", "Solved", "SolveLayers", "collect_layer_problems", "discover_groups", "prune_block",
+    "solve_linear",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +48,8 @@ class LayerReport:
 
 
 Solved = tuple[LayerReport, torch.Tensor]  # a layer's report and its pruned weight
+# Solves a stage's layer problems: (problems by name, group of each name) -> {name: (report, weight)}
+SolveLayers = Callable[[dict[str, LayerProblem], dict[str, str]], dict[str, Solved]]
 
 
 class _GramCollector:
@@ -145,16 +150,17 @@ def prune_block(
     true_sequential: bool = False,
     batch_size: int = 8,
     gram_dtype: torch.dtype = torch.float32,
-    map_solves: Callable[[Callable[[str], Solved], Sequence[str]], list[Solved]] | None = None,
+    solve_layers: SolveLayers | None = None,
 ) -> list[LayerReport]:
     """Prune every linear layer of ``block`` in place; returns one report per layer, in execution order.
 
-    ``map_solves(fn, names)`` runs the independent solves of a stage (default: one after another); the
-    pipeline passes a task-runner map here to solve layers in parallel.
+    ``solve_layers(problems, group_of)`` solves the independent layer problems of a stage and returns
+    ``{name: (report, weight)}`` (default: one after another, in this process); the pipeline passes one
+    that runs them through a Prefect task runner.
     """
     groups = discover_groups(block, inputs)
     stages = [[g] for g in groups] if true_sequential else [groups]
-    mapper = map_solves or (lambda fn, names: [fn(n) for n in names])
+    solver = solve_layers or _solve_in_process(pattern, method, method_config)
     reports: list[LayerReport] = []
     linears = dict(block.named_modules())
     group_of = {name: group[0] for group in groups for name in group}
@@ -162,10 +168,9 @@ def prune_block(
         names = [name for group in stage for name in group]
         problems = collect_layer_problems(block, inputs, names, batch_size=batch_size, gram_dtype=gram_dtype)
 
-        def solve_one(name: str) -> Solved:
-            return _solve_linear(name, group_of[name], problems[name], pattern, method, method_config)
-
-        for name, (report, weight) in zip(names, mapper(solve_one, names)):
+        solved = solver(problems, group_of)
+        for name in names:
+            report, weight = solved[name]
             module = linears[name]
             module.weight.data = weight.to(device=module.weight.device, dtype=module.weight.dtype)
             reports.append(report)
@@ -195,7 +200,14 @@ def collect_layer_problems(
     return {name: collector.problem(name) for name in names}
 
 
-def _solve_linear(
+def _solve_in_process(pattern: SparsityPattern, method: str, method_config: dict[str, Any] | None) -> SolveLayers:
+    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
+        return {n: solve_linear(n, group_of[n], p, pattern, method, method_config) for n, p in problems.items()}
+
+    return solve_all
+
+
+def solve_linear(
     name: str,
     group: str,
     problem: LayerProblem,

@@ -57,6 +57,12 @@ def prune_command(
                                                   "outputs of the already pruned groups.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per block forward.")] = 8,
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")] = "float32",
+    task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
+                                             "dask or ray (Prefect task runners).")] = "threads",
+    solve_workers: Annotated[int, typer.Option("--solve-workers", min=1, help="Layer solves at once (1: in the "
+                                               "block's own process).")] = 1,
+    runner_address: Annotated[Optional[str], typer.Option("--runner-address", help="Existing Dask scheduler or "
+                                                          "Ray cluster address.", show_default=False)] = None,
     device: DeviceOption = "auto",
     threads: ThreadsOption = None,
     cache_dir: Annotated[Optional[Path], typer.Option("--cache-dir", help="Task results and activations "
@@ -81,6 +87,7 @@ def prune_command(
             model=model, method=method, method_config=_method_overrides(config or []), pattern=chosen,
             calibration=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
             true_sequential=true_sequential, gram_dtype=gram_dtype, batch_size=batch_size, threads=threads,
+            task_runner=task_runner, solve_workers=solve_workers, runner_address=runner_address,
             output=output, overwrite=overwrite, cache_dir=cache_dir, data_dir=data_dir,
             keep_activations=keep_activations,
         )

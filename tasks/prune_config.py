@@ -37,6 +37,10 @@ class PruneConfig(BaseModel):
     batch_size: int = Field(8, ge=1, description="calibration samples per block forward")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice); on a "
                                 "loaded 2-core machine 1 can be many times faster than 2")
+    task_runner: Literal["threads", "dask", "ray"] = Field(
+        "threads", description="Prefect task runner for the layer solves of a block: thread pool, Dask or Ray")
+    solve_workers: int = Field(1, ge=1, description="layer solves run at once (1: in the block's own process)")
+    runner_address: str | None = Field(None, description="an existing Dask scheduler or Ray cluster address")
     output: Path = Field(Path("out"), description="folder for the pruned model (save_pretrained layout)")
     overwrite: bool = False
     cache_dir: Path | None = Field(None, description="task results and activations; default $ALPS_CACHE_DIR/runs")

@@ -39,6 +39,7 @@ from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, write_like
 from .data import calibration_windows
 from .errors import AlpsError, ModelReferenceError
 from .models import ModelKind, resolve_device, resolve_model
+from .parallel import make_task_runner, solve_with_runner, worker_devices
 from .prune_config import PIPELINE_VERSION, PruneConfig, stable_hash
 from .storage import atomic_write, atomic_write_json, cache_root, sha256_file
 
@@ -241,7 +242,7 @@ def capture_calibration(
       cache_key_fn=_key_from_parameters)
 def solve_block(
     key: str, index: int, model: dict[str, Any], inputs: dict[str, Any], solver: dict[str, Any],
-    batch_size: int, device: str, store: str, threads: int | None = None,
+    batch_size: int, device: str, store: str, threads: int | None = None, parallel: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs."""
     use_threads(threads)
@@ -254,10 +255,19 @@ def solve_block(
     folder = Path(model["folder"])
     block = build_block(folder, index, torch.float32, target)
     block_inputs = load_block_inputs(Path(inputs["path"]), target)
+    pattern = SparsityPattern.parse(solver["pattern"])
+    solve_layers = None
+    if parallel and (parallel["workers"] > 1 or parallel["runner"] != "threads"):
+        # The runner only changes where the solves run, not their results: it is not part of the key.
+        solve_layers = solve_with_runner(
+            lambda: make_task_runner(parallel["runner"], parallel["workers"], parallel.get("address")),
+            Path(store) / "layers" / key, pattern, solver["method"], solver["config"], worker_devices(target),
+            threads,
+        )
     reports = prune_block(
-        block, block_inputs, SparsityPattern.parse(solver["pattern"]), solver["method"], solver["config"],
+        block, block_inputs, pattern, solver["method"], solver["config"],
         true_sequential=solver["true_sequential"], batch_size=batch_size,
-        gram_dtype=getattr(torch, solver["gram_dtype"]),
+        gram_dtype=getattr(torch, solver["gram_dtype"]), solve_layers=solve_layers,
     )
     outputs = run_block(block, block_inputs, batch_size)
 
@@ -289,6 +299,8 @@ def _call_block(index: int, key: str, model: dict[str, Any], inputs: dict[str, A
     task_ = cached_in(solve_block, store, refresh)
     state = task_(key=key, index=index, model=model, inputs=inputs, solver=solver,
                   batch_size=config.batch_size, device=config.device, store=str(store), threads=config.threads,
+                  parallel={"runner": config.task_runner, "workers": config.solve_workers,
+                            "address": config.runner_address},
                   return_state=True)
     result = state.result()  # raises the task's exception (e.g. StaleInputs)
     return result, state.name == "Cached"
