@@ -25,7 +25,7 @@ from rich.table import Table
 
 from .errors import AlpsError
 
-__all__ = ["app", "reports_user_errors"]
+__all__ = ["app", "reports_user_errors", "split_names"]
 
 app = typer.Typer(
     name="alps",
@@ -71,6 +71,11 @@ OutputOption = Annotated[
     Optional[Path],
     typer.Option("--output", "-o", help="Write the results as JSON to this file (atomic write).", show_default=False),
 ]
+
+
+def split_names(value: str) -> list[str]:
+    """A comma-separated option (``wikitext2,ptb``) as a list of names, blanks dropped."""
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def reports_user_errors(command: F) -> F:
@@ -247,3 +252,5 @@ def _environment() -> dict[str, str]:
 
 # Commands defined in their own modules register on ``app`` when imported (after ``app`` exists).
 from . import cli_prune  # noqa: E402,F401
+from . import cli_eval  # noqa: E402,F401
+from . import cli_sweep  # noqa: E402,F401

@@ -9,7 +9,9 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from .cli import DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, reports_user_errors
+from .cli import (
+    DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, reports_user_errors, split_names,
+)
 from .errors import SettingError
 
 __all__ = ["prune_command"]
@@ -70,6 +72,18 @@ def prune_command(
     data_dir: DataDirOption = None,
     keep_activations: Annotated[bool, typer.Option("--keep-activations", help="Keep block activations after "
                                                    "a successful run.")] = False,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the pruned model at the end.")] = True,
+    eval_ppl: Annotated[Optional[str], typer.Option("--eval-ppl", help="Perplexity data sets, comma-separated "
+                                                    "(default: the calibration set's evaluation text).",
+                                                    show_default=False)] = None,
+    eval_tasks: Annotated[str, typer.Option("--eval-tasks", help="lm-eval tasks, comma-separated, e.g. "
+                                            "piqa,arc_easy.")] = "",
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="Items per lm-eval task.",
+                                                      show_default=False)] = None,
+    eval_max_windows: Annotated[Optional[int], typer.Option("--eval-max-windows", min=1, help="Score only the "
+                                                            "first N perplexity windows.", show_default=False)] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "alps",
+    log_model: Annotated[bool, typer.Option("--log-model", help="Copy the pruned folder into the MLflow run.")] = False,
 ) -> None:
     """Prune a model block by block into a Hugging Face folder; a rerun resumes from the cache."""
     from pydantic import ValidationError
@@ -89,7 +103,9 @@ def prune_command(
             true_sequential=true_sequential, gram_dtype=gram_dtype, batch_size=batch_size, threads=threads,
             task_runner=task_runner, solve_workers=solve_workers, runner_address=runner_address,
             output=output, overwrite=overwrite, cache_dir=cache_dir, data_dir=data_dir,
-            keep_activations=keep_activations,
+            keep_activations=keep_activations, evaluate=evaluate,
+            eval_ppl=split_names(eval_ppl) if eval_ppl is not None else None, eval_tasks=split_names(eval_tasks),
+            eval_limit=eval_limit, eval_max_windows=eval_max_windows, experiment=experiment, log_model=log_model,
         )
     except ValidationError as error:
         first = error.errors()[0]
@@ -109,3 +125,10 @@ def prune_command(
     console.print(table)
     console.print(f"mean layer error {report['mean_rel_error']:.5f}; reused {len(result['reused_blocks'])} "
                   f"blocks, computed {len(result['computed_blocks'])}; model saved to {result['output']}")
+    evaluation = result.get("evaluation")
+    if evaluation:
+        scores = [f"{name} perplexity {value:.3f}" for name, value in evaluation["perplexity"].items()]
+        scores += [f"{name} accuracy {value:.4f}" for name, value in evaluation["accuracy"].items()]
+        console.print("pruned model: " + "; ".join(scores))
+    console.print(f"MLflow run {result['run_id']} (see `alps runs`, or `mlflow ui --backend-store-uri "
+                  "sqlite:///mlflow.db`)")

@@ -46,6 +46,15 @@ class PruneConfig(BaseModel):
     cache_dir: Path | None = Field(None, description="task results and activations; default $ALPS_CACHE_DIR/runs")
     data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR")
     keep_activations: bool = Field(False, description="keep every block's calibration activations after success")
+    evaluate: bool = Field(True, description="evaluate the pruned model at the end (into the same MLflow run)")
+    eval_ppl: list[str] | None = Field(None, description="perplexity data sets; default: the calibration data "
+                                       "set's own evaluation text (so a run needs no other data)")
+    eval_tasks: list[str] = Field(default_factory=list, description="lm-eval tasks, e.g. piqa, arc_easy")
+    eval_limit: int | None = Field(None, ge=1, description="items per lm-eval task")
+    eval_max_windows: int | None = Field(None, ge=1, description="score only the first N perplexity windows")
+    eval_seqlen: int = Field(2048, ge=2, description="perplexity window (capped by the model's context)")
+    experiment: str = Field("alps", description="MLflow experiment")
+    log_model: bool = Field(False, description="copy the pruned folder into the MLflow run (else its path)")
 
     @field_validator("pattern")
     @classmethod
@@ -62,11 +71,24 @@ class PruneConfig(BaseModel):
     @model_validator(mode="after")
     def _method_config(self) -> PruneConfig:
         make_config(self.method, self.method_config)  # raises ValueError naming a bad field
+        if self.evaluate:
+            self.evaluation(str(self.output))  # bad data set or task names fail now, not after pruning
         return self
 
     @property
     def sparsity_pattern(self) -> SparsityPattern:
         return SparsityPattern.parse(self.pattern)
+
+    def evaluation(self, model_folder: str):
+        """The evaluation of the pruned folder this run asks for."""
+        from .evaluation import EvaluateConfig
+
+        return EvaluateConfig(
+            model=model_folder, perplexity=self.eval_ppl if self.eval_ppl is not None else [self.calibration],
+            tasks=self.eval_tasks, limit=self.eval_limit, max_windows=self.eval_max_windows, seqlen=self.eval_seqlen,
+            device=self.device, threads=self.threads, data_dir=self.data_dir, experiment=self.experiment,
+            log_model=self.log_model,
+        )
 
     def solver_config(self) -> dict[str, Any]:
         """The method's full config (defaults filled in), as the cache keys see it."""

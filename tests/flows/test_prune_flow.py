@@ -52,7 +52,7 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
 
 def config_for(model_dir: Path, tmp: Path, **overrides) -> PruneConfig:
     settings = dict(model=str(model_dir), method="alps", pattern="0.5", calibration="pydoc", nsamples=4, seqlen=32,
-                    device="cpu", output=tmp / "out", cache_dir=tmp / "cache", batch_size=2)
+                    device="cpu", output=tmp / "out", cache_dir=tmp / "cache", batch_size=2, evaluate=False)
     settings.update(overrides)
     return PruneConfig(**settings)
 
@@ -255,3 +255,37 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     report = json.loads((Path(parallel["output"]) / "prune_report.json").read_text())
     assert len([layer for block in report["blocks"] for layer in block["layers"]]) == 14
     assert not any((tmp_path / "parallel" / "cache" / "layers").glob("*/*.safetensors"))  # work files removed
+
+
+def test_one_mlflow_run_holds_pruning_and_evaluation(prefect_harness, tokenizer, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_dir = save_model(tmp_path / "model", tokenizer)
+    result = prune_model(config_for(model_dir, tmp_path, evaluate=True, eval_max_windows=2, eval_seqlen=32))
+    assert result["evaluation"]["perplexity"]["pydoc"] > 1  # evaluated on the calibration set's held-out text
+    run = MlflowClient(uri).get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["method"] == "alps" and run.data.tags["pattern"] == "0.5"
+    assert run.data.params["prune.nsamples"] == "4"
+    assert "ppl/pydoc" in run.data.metrics and "prune/mean_rel_error" in run.data.metrics
+    history = MlflowClient(uri).get_metric_history(result["run_id"], "layer/rel_error")
+    assert len(history) == 14 and sorted(m.step for m in history) == list(range(14))
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"], "plots")}
+    assert {"plots/layer_error.png", "plots/layer_sparsity.png", "plots/solver_history.png"} <= artifacts
+
+
+def test_a_failed_run_is_marked_failed_in_mlflow(prefect_harness, tokenizer, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model_dir = save_model(tmp_path / "model", tokenizer)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError):  # pruning works, evaluating on a missing data set fails
+        prune_model(config_for(model_dir, tmp_path, evaluate=True, eval_ppl=["wikitext2"], data_dir=empty))
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("alps").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "prune/mean_rel_error" in runs[0].data.metrics  # what was logged before the failure stays

@@ -1,0 +1,133 @@
+"""``alps eval`` (the evaluation flow from the command line) and ``alps runs`` (tracked runs side by side)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from .cli import (
+    DataDirOption,
+    DeviceOption,
+    DtypeOption,
+    ModelOption,
+    OutputOption,
+    ThreadsOption,
+    TrustRemoteCodeOption,
+    app,
+    console,
+    reports_user_errors,
+    split_names,
+)
+from .errors import SettingError
+
+__all__ = ["eval_command", "runs_command"]
+
+
+@app.command("eval")
+@reports_user_errors
+def eval_command(
+    model: ModelOption = "smollm2-135m",
+    ppl: Annotated[str, typer.Option("--ppl", help="Comma-separated perplexity data sets: wikitext2, ptb, c4, "
+                                     "pydoc ('' for none).")] = "wikitext2,ptb,c4",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval tasks: lambada, piqa, arc_easy, "
+                                       "arc_challenge, mmlu (5-shot), gsm8k (8-shot CoT, generation) ('' for none).")]
+    = "piqa,arc_easy,arc_challenge,lambada",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Items per lm-eval task (MMLU: per subject).",
+                                                 show_default=False)] = None,
+    seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity window in tokens.")] = 2048,
+    max_windows: Annotated[Optional[int], typer.Option("--max-windows", help="Score only the first N perplexity "
+                                                       "windows of each data set.", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="lm-eval batch size.")] = 8,
+    log_model: Annotated[bool, typer.Option("--log-model", help="Copy the model folder into the MLflow run "
+                                            "(default: record its path).")] = False,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "alps",
+    dtype: DtypeOption = "float32",
+    device: DeviceOption = "auto",
+    data_dir: DataDirOption = None,
+    output: OutputOption = None,
+    threads: ThreadsOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+) -> None:
+    """Perplexity and lm-eval accuracy of a model, tracked in MLflow; prints a table."""
+    from pydantic import ValidationError
+
+    from flows.evaluate import evaluate_model
+
+    from .cli import _environment
+    from .evaluation import EvaluateConfig
+    from .storage import atomic_write_json
+
+    try:
+        config = EvaluateConfig(
+            model=model, perplexity=split_names(ppl), tasks=split_names(tasks), limit=limit, seqlen=seqlen,
+            max_windows=max_windows, batch_size=batch_size, dtype=dtype, device=device, threads=threads,
+            data_dir=data_dir, log_model=log_model, experiment=experiment, trust_remote_code=trust_remote_code,
+        )
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = "--" + ".".join(str(p) for p in first["loc"]).replace("perplexity", "ppl")
+        raise SettingError(field, first.get("input"), first["msg"], "see `alps eval --help`") from None
+    summary = evaluate_model(config)
+
+    table = Table(title=f"Evaluation of {model}" + (f" (lm-eval limit {limit})" if limit else ""))
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, value in summary["perplexity"].items():
+        table.add_row(f"perplexity {name}", f"{value:.3f}")
+    for name, value in summary["accuracy"].items():
+        table.add_row(f"accuracy {name}", f"{value:.4f}")
+    table.add_row("seconds", f"{summary['seconds']:.1f}")
+    console.print(table)
+    console.print(f"MLflow run {summary['run_id']}")
+    if output is not None:
+        atomic_write_json(output, {"settings": config.model_dump(mode="json"), **summary,
+                                   "environment": _environment()})
+        console.print(f"Wrote {output}")
+
+
+@app.command("runs")
+@reports_user_errors
+def runs_command(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Only runs of this model reference.",
+                                                 show_default=False)] = None,
+    method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method (dense: "
+                                                  "unpruned evaluations).", show_default=False)] = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "alps",
+) -> None:
+    """List tracked runs side by side: method, pattern, perplexities, accuracies, time."""
+    from .tracking import list_runs, tracking_uri
+
+    runs = list_runs(model=model, method=method, experiment=experiment)
+    if not runs:
+        console.print(f"No runs in experiment {experiment!r} at {tracking_uri()}.")
+        return
+    columns = _metric_columns(runs)
+    table = Table(title=f"Runs in {experiment!r} ({tracking_uri()})")
+    for column in ("run", "model", "method", "pattern", "status", "limit", *columns):
+        table.add_column(column, justify="right" if column in columns else "left", overflow="fold")
+    for run in runs:
+        metrics = run["metrics"]
+        values = [_format(name, metrics.get(name)) for name in columns]
+        table.add_row(run["run_id"][:8], Path(run["model"]).name or run["model"], run["method"], run["pattern"],
+                      run["status"], "" if run["limit"] == "None" else run["limit"], *values)
+    console.print(table)
+
+
+def _metric_columns(runs: list[dict[str, Any]]) -> list[str]:
+    """Perplexities, accuracies, mean error and times present in any run, in that order."""
+    present = {name for run in runs for name in run["metrics"]}
+    ordered = sorted(n for n in present if n.startswith("ppl/")) + sorted(n for n in present if n.startswith("acc/"))
+    return ordered + [n for n in ("prune/mean_rel_error", "prune/seconds", "eval/seconds") if n in present]
+
+
+def _format(name: str, value: float | None) -> str:
+    if value is None:
+        return ""
+    if name.startswith("acc/"):
+        return f"{value:.4f}"
+    if name.endswith("seconds"):
+        return f"{value:.1f}"
+    return f"{value:.5f}" if name.startswith("prune/") else f"{value:.3f}"
