@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", default=None, help="folder for cache and pruned models (default: temporary)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "prune_bench.json"))
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in --output, run the rest")
     args = parser.parse_args()
 
     work = Path(args.work or tempfile.mkdtemp(prefix="alps-prune-bench-"))
@@ -64,25 +65,33 @@ def main() -> None:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     record = {"settings": vars(args), "runs": []}
+    if args.resume and output.is_file():
+        previous = json.loads(output.read_text())
+        record["runs"] = previous["runs"]
+        record["dense_wikitext2_ppl"] = previous["dense_wikitext2_ppl"]
+    done = {(row["method"], row["pattern"]) for row in record["runs"]}
 
     dense_ppl = [ALPS, "ppl", "--model", args.model, "--datasets", "wikitext2", "--seqlen", "2048",
                  "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output",
                  str(work / "ppl-dense.json")]
     if args.data_dir:
         dense_ppl += ["--data-dir", args.data_dir]
-    run(dense_ppl, env)
-    dense = json.loads((work / "ppl-dense.json").read_text())["results"][0]["perplexity"]
-    record["dense_wikitext2_ppl"] = dense
+    if "dense_wikitext2_ppl" not in record:
+        run(dense_ppl, env)
+        record["dense_wikitext2_ppl"] = json.loads((work / "ppl-dense.json").read_text())["results"][0]["perplexity"]
+    dense = record["dense_wikitext2_ppl"]
     print(f"dense WikiText-2 perplexity {dense:.3f}", flush=True)
 
     for pattern in args.patterns:
         for method in args.methods:
+            if (method, pattern) in done:
+                continue
             name = f"{method}-{pattern.replace(':', 'of')}"
             command = [
                 ALPS, "prune", "--model", args.model, "--method", method, "--pattern", pattern,
                 "--calib", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
                 "--output", str(work / name), "--cache-dir", str(work / "cache"), "--threads", str(args.threads),
-                "--overwrite",
+                "--overwrite", "--no-eval",  # perplexity is measured below, the same way for every run
             ] + (["--data-dir", args.data_dir] if args.data_dir else [])
             seconds, peak_mb, _ = run(command, env)
             ppl_command = [ALPS, "ppl", "--model", str(work / name), "--datasets", "wikitext2", "--seqlen", "2048",
@@ -104,7 +113,7 @@ def main() -> None:
     lines = [f"Dense WikiText-2 perplexity: {dense:.2f}", "",
              "| pattern | method | WikiText-2 ppl | mean layer error | wall time (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|"]
-    for row in record["runs"]:
+    for row in sorted(record["runs"], key=lambda r: (args.patterns.index(r["pattern"]), args.methods.index(r["method"]))):
         lines.append(f"| {row['pattern']} | {row['method']} | {row['wikitext2_ppl']:.2f} | "
                      f"{row['mean_layer_error']:.4f} | {row['wall_seconds']:.0f} | {row['peak_rss_mb'] or 0:.0f} |")
     record["table"] = "\n".join(lines)

@@ -82,6 +82,8 @@ def prune_command(
                                                       show_default=False)] = None,
     eval_max_windows: Annotated[Optional[int], typer.Option("--eval-max-windows", min=1, help="Score only the "
                                                             "first N perplexity windows.", show_default=False)] = None,
+    eval_seqlen: Annotated[int, typer.Option("--eval-seqlen", help="Perplexity window (capped by the "
+                                             "model).")] = 2048,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "alps",
     log_model: Annotated[bool, typer.Option("--log-model", help="Copy the pruned folder into the MLflow run.")] = False,
 ) -> None:
@@ -105,7 +107,8 @@ def prune_command(
             output=output, overwrite=overwrite, cache_dir=cache_dir, data_dir=data_dir,
             keep_activations=keep_activations, evaluate=evaluate,
             eval_ppl=split_names(eval_ppl) if eval_ppl is not None else None, eval_tasks=split_names(eval_tasks),
-            eval_limit=eval_limit, eval_max_windows=eval_max_windows, experiment=experiment, log_model=log_model,
+            eval_limit=eval_limit, eval_max_windows=eval_max_windows, eval_seqlen=eval_seqlen, experiment=experiment,
+            log_model=log_model,
         )
     except ValidationError as error:
         first = error.errors()[0]

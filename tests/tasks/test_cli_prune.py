@@ -20,10 +20,11 @@ def test_prune_command_writes_a_model_and_prints_a_table(prefect_harness, tokeni
     result = runner.invoke(app, [
         "prune", "--model", str(model_dir), "--method", "alps-simple", "--pattern", "2:4", "--calib", "pydoc",
         "--nsamples", "4", "--seqlen", "32", "--output", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "c"),
-        "--device", "cpu", "--config", "max_iter=30",
+        "--device", "cpu", "--config", "max_iter=30", "--eval-seqlen", "32", "--eval-max-windows", "2",
     ])
     assert result.exit_code == 0, result.output
     assert "pruned with alps-simple at 2:4" in result.output
+    assert "pydoc perplexity" in result.output  # evaluated at the end on the calibration set's held-out text
     report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
     assert report["config"]["solver_config"]["max_iter"] == 30
     assert report["config"]["pattern"] == "2:4"
