@@ -30,7 +30,21 @@ from tasks.data import calibration_windows  # noqa: E402
 from tasks.models import locate_model  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask"]
+METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask",
+           "admm_fixed_rho@rho=0.3", "admm_fixed_rho@rho=3"]
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name@key=value,key=value`` (values as JSON where they parse)."""
+    name, _, settings = spec.partition("@")
+    config = {}
+    for pair in filter(None, settings.split(",")):
+        key, _, raw = pair.partition("=")
+        try:
+            config[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            config[key] = raw
+    return name, config
 PATTERNS = ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"]
 
 
@@ -75,6 +89,8 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", default=PATTERNS)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "layer_bench.json"))
+    parser.add_argument("--merge", action="store_true",
+                        help="add these methods' rows to --output's (same problems and settings otherwise)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,8 +105,9 @@ def main() -> None:
     for pattern in args.patterns:
         for method in args.methods:
             errors, seconds, iteration_rates, machine_rates = [], [], [], []
+            method_name, method_config = parse_method(method)
             for name, problem in problems.items():
-                result = solve(problem, pattern, method=method)
+                result = solve(problem, pattern, method=method_name, config=method_config)
                 errors.append(result.rel_error)
                 seconds.append(result.seconds)
                 if method.startswith("alps") and result.iterations:
@@ -108,6 +125,11 @@ def main() -> None:
             print(f"{pattern:>5} {method:16s} error {row['mean_rel_error']:.5f}  seconds {row['mean_seconds']:.3f}"
                   + (f"  ADMM {row['admm_gflops']:.0f} of {row['matmul_gflops']:.0f} GFLOP/s" if iteration_rates else ""),
                   flush=True)
+
+    if args.merge and Path(args.output).is_file():
+        previous = json.loads(Path(args.output).read_text())
+        rows = [r for r in previous["rows"] if r["method"] not in args.methods] + rows
+        args.methods = list(dict.fromkeys([r["method"] for r in previous["rows"]] + args.methods))
 
     def cell(method: str, pattern: str) -> dict:
         return next(r for r in rows if r["method"] == method and r["pattern"] == pattern)
