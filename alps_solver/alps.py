@@ -21,7 +21,7 @@ from .admm import RhoSchedule, run_admm
 from .config import COMPUTE_DTYPES, require, require_compute_dtype, require_version
 from .pcg import masked_pcg
 from .problem import LayerProblem, ScaledProblem
-from .result import BacksolveRecord, Callback, Result, Status
+from .result import BacksolveRecord, Callback, Result
 from .sparsity import SparsityPattern
 
 __all__ = ["Config", "solve", "backsolve"]

@@ -7,7 +7,7 @@ Each method module exposes ``Config`` (a frozen, keyword-only dataclass with a `
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .config import config_from_dict
@@ -63,10 +63,18 @@ def make_config(method: str, config: Any = None) -> Any:
     base = getattr(module.Config, spec.preset)() if spec.preset else module.Config()
     if not config:
         return base
-    from dataclasses import asdict
+    return config_from_dict(module.Config, _merge(asdict(base), dict(config)))
 
-    merged = {**asdict(base), **dict(config)}
-    return config_from_dict(module.Config, merged)
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` on top of ``base``, nested dicts merged key by key (a preset's other fields stay)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def solve(

@@ -6,7 +6,7 @@ Prints a table of mean relative error and seconds per (method, pattern), the ALP
 issues set targets for, and the ADMM iteration's achieved matmul rate next to the machine's; writes all
 of it as JSON.
 
-    python bench/layer_bench.py --data-dir ../shared/data --nsamples 32 --seqlen 512 --threads 2
+    python bench/layer_bench.py --data-dir ../shared/data --nsamples 32 --seqlen 512 --threads 1
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ sys.path.insert(0, str(REPO))
 
 from alps_solver import solve  # noqa: E402
 from tasks.adapters import build_block  # noqa: E402
-from tasks.blocks import collect_layer_problems, discover_groups  # noqa: E402
+from tasks.adapters import linear_names  # noqa: E402
+from tasks.blocks import collect_layer_problems  # noqa: E402
 from tasks.calibration import capture_block_inputs, run_block  # noqa: E402
 from tasks.data import calibration_windows  # noqa: E402
 from tasks.models import locate_model  # noqa: E402
+from tasks.storage import atomic_write_json  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask",
@@ -59,7 +61,7 @@ def capture_problems(args: argparse.Namespace) -> dict[str, object]:
     for index in range(max(args.blocks) + 1):
         block = build_block(folder, index, torch.float32, device)
         if index in args.blocks:
-            chosen = [n for g in discover_groups(block, inputs) for n in g if n.split(".")[-1] in args.layers]
+            chosen = [n for n in linear_names(block) if n.split(".")[-1] in args.layers]
             found = collect_layer_problems(block, inputs, chosen, batch_size=4)
             problems.update({f"block{index:02d}.{name}": p for name, p in found.items()})
         inputs.hidden = run_block(block, inputs, batch_size=4)  # dense outputs feed the next block
@@ -128,6 +130,10 @@ def main() -> None:
 
     if args.merge and Path(args.output).is_file():
         previous = json.loads(Path(args.output).read_text())
+        same = ("model", "calibration", "nsamples", "seqlen", "blocks", "layers", "patterns", "threads")
+        changed = [k for k in same if previous["settings"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--merge: {args.output} was made with other {changed}; use another --output")
         rows = [r for r in previous["rows"] if r["method"] not in args.methods] + rows
         args.methods = list(dict.fromkeys([r["method"] for r in previous["rows"]] + args.methods))
 
@@ -156,7 +162,7 @@ def main() -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     settings = {k: v for k, v in vars(args).items() if k != "output"}
     settings["torch_threads"] = torch.get_num_threads()
-    output.write_text(json.dumps({"settings": settings, "rows": rows, "summary": summary, "table": table}, indent=1))
+    atomic_write_json(output, {"settings": settings, "rows": rows, "summary": summary, "table": table})
     print(f"wrote {output} ({time.perf_counter() - started:.0f} s in all)")
 
 

@@ -21,7 +21,13 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 ALPS = str(Path(sys.executable).with_name("alps"))
+
+from tasks.storage import atomic_write_json  # noqa: E402
+
+# Settings that decide the numbers: a resumed file must have been made with the same ones.
+RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "ppl_windows", "threads")
 
 
 def run(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
@@ -67,7 +73,10 @@ def main() -> None:
     record = {"settings": vars(args), "runs": []}
     if args.resume and output.is_file():
         previous = json.loads(output.read_text())
-        record["runs"] = previous["runs"]
+        changed = [k for k in RESULT_SETTINGS if previous["settings"].get(k) != getattr(args, k)]
+        if changed:
+            raise SystemExit(f"--resume: {output} was made with other {changed}; use another --output")
+        record["runs"] = [r for r in previous["runs"] if r["method"] in args.methods and r["pattern"] in args.patterns]
         record["dense_wikitext2_ppl"] = previous["dense_wikitext2_ppl"]
     done = {(row["method"], row["pattern"]) for row in record["runs"]}
 
@@ -106,7 +115,7 @@ def main() -> None:
                    "wikitext2_ppl": ppl, "mean_layer_error": report["mean_rel_error"],
                    "solve_seconds": report["seconds"]}
             record["runs"].append(row)
-            output.write_text(json.dumps(record, indent=1))
+            atomic_write_json(output, record)
             print(f"{pattern:>5} {method:10s} ppl {ppl:9.3f}  layer error {row['mean_layer_error']:.5f}  "
                   f"wall {seconds:6.0f} s  peak {peak_mb or 0:6.0f} MB", flush=True)
 
@@ -117,7 +126,7 @@ def main() -> None:
         lines.append(f"| {row['pattern']} | {row['method']} | {row['wikitext2_ppl']:.2f} | "
                      f"{row['mean_layer_error']:.4f} | {row['wall_seconds']:.0f} | {row['peak_rss_mb'] or 0:.0f} |")
     record["table"] = "\n".join(lines)
-    output.write_text(json.dumps(record, indent=1))
+    atomic_write_json(output, record)
     print(record["table"])
 
 

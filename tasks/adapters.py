@@ -62,6 +62,16 @@ def adapter_for(config: PretrainedConfig) -> ArchitectureAdapter:
             f"use a model of type {', '.join(sorted(ADAPTERS))}, or add its decoder-layer path to "
             "tasks.adapters.ADAPTERS",
         )
+    # Calibration records block 0's keywords (mask, rotary tables) and reuses them for every block. Models
+    # that mix attention types (Gemma 2/3 sliding and full layers) pick these per layer, so reusing block
+    # 0's would give the other layers the wrong mask: refuse rather than prune them wrongly.
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if len(layer_types) > 1:
+        raise ModelReferenceError(
+            "model", getattr(config, "name_or_path", model_type),
+            f"its layers mix attention types {sorted(layer_types)}, which the block-by-block capture does not "
+            "support yet", "use a model whose layers all use the same attention (e.g. LLaMA, Mistral, Qwen2, OPT)",
+        )
     return ADAPTERS[model_type]
 
 

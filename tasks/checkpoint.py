@@ -69,6 +69,16 @@ class Checkpoint:
         names = [n for n in self.weight_map if n.startswith(prefix)]
         return {n[len(prefix):]: t for n, t in self.tensors(names).items()}
 
+    def dtypes(self, prefix: str = "") -> dict[str, torch.dtype]:
+        """The stored dtype of every tensor whose name starts with ``prefix``, read from the headers only."""
+        out: dict[str, torch.dtype] = {}
+        for file in sorted(set(self.weight_map.values())):
+            with safe_open(self.folder / file, framework="pt") as handle:
+                for name in handle.keys():
+                    if name.startswith(prefix):
+                        out[name] = _TORCH_DTYPES[handle.get_slice(name).get_dtype()]
+        return out
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, in file order."""
         for file in sorted(set(self.weight_map.values())):
@@ -121,5 +131,8 @@ def write_like(
     return sorted(set(original.weight_map.values()))
 
 
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}

@@ -11,6 +11,7 @@ stays fast.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import platform
 from collections.abc import Callable
@@ -23,9 +24,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .errors import AlpsError
+from .errors import AlpsError, SettingError
 
-__all__ = ["app", "reports_user_errors", "split_names"]
+__all__ = ["app", "parse_overrides", "reports_user_errors", "split_names"]
 
 app = typer.Typer(
     name="alps",
@@ -76,6 +77,25 @@ OutputOption = Annotated[
 def split_names(value: str) -> list[str]:
     """A comma-separated option (``wikitext2,ptb``) as a list of names, blanks dropped."""
     return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (values as JSON where they parse, else strings); ``a.b=1`` nests."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise SettingError("--config", pair, "expected key=value", "e.g. --config max_iter=100")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = overrides
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return overrides
 
 
 def reports_user_errors(command: F) -> F:

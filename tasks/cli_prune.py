@@ -10,30 +10,13 @@ import typer
 from rich.table import Table
 
 from .cli import (
-    DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, reports_user_errors, split_names,
+    DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, parse_overrides, reports_user_errors,
+    split_names,
 )
 from .errors import SettingError
+from .storage import PRUNE_REPORT_FILE
 
 __all__ = ["prune_command"]
-
-
-def _method_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs (values as JSON where they parse, else strings); ``a.b=1`` nests."""
-    overrides: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise SettingError("--config", pair, "expected key=value", "e.g. --config max_iter=100")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        target = overrides
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-        target[leaf] = value
-    return overrides
 
 
 @app.command("prune")
@@ -100,7 +83,7 @@ def prune_command(
     chosen = pattern if pattern is not None else str(sparsity if sparsity is not None else 0.7)
     try:
         settings = PruneConfig(
-            model=model, method=method, method_config=_method_overrides(config or []), pattern=chosen,
+            model=model, method=method, method_config=parse_overrides(config or []), pattern=chosen,
             calibration=calib, nsamples=nsamples, seqlen=seqlen, seed=seed, device=device,
             true_sequential=true_sequential, gram_dtype=gram_dtype, batch_size=batch_size, threads=threads,
             task_runner=task_runner, solve_workers=solve_workers, runner_address=runner_address,
@@ -116,7 +99,7 @@ def prune_command(
         raise SettingError(field, first.get("input"), first["msg"], "see `alps prune --help`") from None
     result = prune_model(settings)
 
-    report = json.loads((Path(result["output"]) / "prune_report.json").read_text())
+    report = json.loads((Path(result["output"]) / PRUNE_REPORT_FILE).read_text())
     table = Table(title=f"{settings.model} pruned with {settings.method} at {settings.pattern}")
     for column in ("block", "mean error", "worst layer error", "iterations", "seconds", "cached"):
         table.add_column(column, justify="right")

@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from .cli import (
-    DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, reports_user_errors, split_names,
+    DataDirOption, DeviceOption, ModelOption, ThreadsOption, app, console, parse_overrides, reports_user_errors,
+    split_names,
 )
-from .cli_prune import _method_overrides
 
 __all__ = ["sweep_command"]
 
@@ -56,7 +56,7 @@ def sweep_command(
 
     settings: dict[str, Any] = {
         "calibration": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "batch_size": batch_size,
-        "method_config": _method_overrides(config or []), "device": device, "threads": threads,
+        "method_config": parse_overrides(config or []), "device": device, "threads": threads,
         "data_dir": str(data_dir) if data_dir else None, "keep_activations": keep_activations,
     }
     plan_sweep(model, split_names(methods), split_names(patterns), settings, output, cache_dir)  # bad settings: exit 2 here

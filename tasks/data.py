@@ -28,6 +28,7 @@ documents (c4) each sample is a random window of a random document with at least
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ __all__ = [
     "DatasetKind",
     "DatasetSpec",
     "SplitSpec",
+    "calibration_text_hash",
     "calibration_windows",
     "check_seqlen",
     "dataset_spec",
@@ -368,6 +370,19 @@ def calibration_windows(
         seed,
     )
     return windows
+
+
+def calibration_text_hash(name: str, data_dir: str | Path | None = None) -> str:
+    """sha256 of the training text ``calibration_windows`` draws from, wherever it comes from (data root,
+    hub or the running Python's pydoc): what calibration caches key on, so other text never reuses them."""
+    spec = dataset_spec(name)
+    if spec.calibration_split is None:
+        return "no-calibration-split"
+    digest = hashlib.sha256()
+    for row in load_texts(name, spec.calibration_split, data_dir):
+        digest.update(row.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()
 
 
 def describe_datasets(data_dir: str | Path | None = None) -> list[dict[str, Any]]:

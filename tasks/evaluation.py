@@ -44,16 +44,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .data import DatasetKind, dataset_spec, load_examples, resolve_data_root
 from .errors import SettingError
+from .logs import run_logger
 from .perplexity import evaluate_perplexity
+from .storage import PRUNE_REPORT_FILE
 
 __all__ = [
     "ZERO_SHOT_TASKS",
@@ -320,18 +321,14 @@ class EvaluateConfig(BaseModel):
         """The prune report to log: the one given, else ``prune_report.json`` in a local model folder."""
         if self.prune_report is not None:
             return self.prune_report
-        candidate = Path(self.model).expanduser() / "prune_report.json"
+        candidate = Path(self.model).expanduser() / PRUNE_REPORT_FILE
         return candidate if candidate.is_file() else None
 
 
-def _log() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
-
-@task(name="load-model-for-evaluation", cache_policy=NO_CACHE)
+# These three tasks hand the loaded model to each other in memory, within the flow's process: they are never
+# cached or persisted (even with PREFECT_RESULTS_PERSIST_BY_DEFAULT), so a model is never pickled.
+@task(name="load-model-for-evaluation", cache_policy=NO_CACHE, persist_result=False)
 def load_for_evaluation(config: EvaluateConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """(model, tokenizer, the model's identity) for evaluation."""
     from .models import load_model, resolve_model
@@ -344,22 +341,22 @@ def load_for_evaluation(config: EvaluateConfig) -> tuple[PreTrainedModel, PreTra
     return model, tokenizer, resolved.to_dict()
 
 
-@task(name="perplexity", task_run_name="perplexity-{dataset}", cache_policy=NO_CACHE)
+@task(name="perplexity", task_run_name="perplexity-{dataset}", cache_policy=NO_CACHE, persist_result=False)
 def measure_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: str,
                        config: EvaluateConfig) -> dict[str, Any]:
     result = evaluate_perplexity(model, tokenizer, dataset, seqlen=config.seqlen, batch_size=config.ppl_batch_size,
                                  max_windows=config.max_windows, data_dir=config.data_dir).to_dict()
-    _log().info("%s perplexity %.3f (%d windows, %.1f s)", dataset, result["perplexity"], result["windows"],
+    run_logger(logger).info("%s perplexity %.3f (%d windows, %.1f s)", dataset, result["perplexity"], result["windows"],
                 result["seconds"])
     return result
 
 
-@task(name="lm-eval", cache_policy=NO_CACHE)
+@task(name="lm-eval", cache_policy=NO_CACHE, persist_result=False)
 def measure_zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       config: EvaluateConfig) -> dict[str, Any]:
     result = evaluate_zero_shot(model, tokenizer, config.tasks, data_dir=config.data_dir, limit=config.limit,
                                 batch_size=config.batch_size).to_dict()
-    _log().info("lm-eval: %s (%.1f s)", ", ".join(f"{k} {v:.4f}" for k, v in result["accuracy"].items()),
+    run_logger(logger).info("lm-eval: %s (%.1f s)", ", ".join(f"{k} {v:.4f}" for k, v in result["accuracy"].items()),
                 result["seconds"])
     return result
 

@@ -76,14 +76,18 @@ class PerplexityResult:
         return asdict(self)
 
 
-def effective_seqlen(model: PreTrainedModel, seqlen: int) -> int:
-    """``seqlen`` validated (at least 2) and capped at the model's maximum position embeddings."""
+def cap_seqlen(seqlen: int, limit: int | None) -> int:
+    """``seqlen`` validated (at least 2) and capped at a model's maximum positions ``limit`` (if known)."""
     check_seqlen(seqlen)
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and seqlen > limit:
+    if limit and seqlen > limit:
         logger.warning("seqlen %d exceeds the model's max_position_embeddings %d: using %d", seqlen, limit, limit)
         return int(limit)
     return seqlen
+
+
+def effective_seqlen(model: PreTrainedModel, seqlen: int) -> int:
+    """``seqlen`` validated (at least 2) and capped at the model's maximum position embeddings."""
+    return cap_seqlen(seqlen, getattr(model.config, "max_position_embeddings", None))
 
 
 def evaluation_tokens(

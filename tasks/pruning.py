@@ -22,10 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import TaskRunContext
-from prefect.exceptions import MissingContextError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
@@ -36,12 +35,17 @@ from .adapters import adapter_for, build_block, decoder_layer_class, linear_name
 from .blocks import prune_block
 from .calibration import capture_block_inputs, load_block_inputs, run_block, save_block_inputs
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, write_like
-from .data import calibration_windows
+from .data import calibration_text_hash, calibration_windows
 from .errors import AlpsError, ModelReferenceError
-from .models import ModelKind, resolve_device, resolve_model
+from .logs import run_logger
+from .models import ModelKind, load_model, resolve_device, resolve_model
 from .parallel import make_task_runner, solve_with_runner, worker_devices
+from .perplexity import cap_seqlen
 from .prune_config import PIPELINE_VERSION, PruneConfig, stable_hash
-from .storage import atomic_write, atomic_write_json, cache_root, sha256_file
+from .storage import (
+    PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_directory, atomic_write, atomic_write_json, cache_root,
+    sha256_file,
+)
 
 __all__ = [
     "StaleInputs",
@@ -61,16 +65,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "sparsity_manifest.json"
-REPORT_FILE = "prune_report.json"
+MANIFEST_FILE = SPARSITY_MANIFEST_FILE
+REPORT_FILE = PRUNE_REPORT_FILE
 
-
-def _log() -> logging.Logger | logging.LoggerAdapter:
-    """The Prefect run logger inside a flow or task run (shown in the UI and console), else the module's."""
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
 
 class StaleInputs(Exception):
@@ -135,19 +132,17 @@ def prepare_model(reference: str) -> dict[str, Any]:
     if resolved.kind is ModelKind.HUB:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(
-            resolved.location, revision=resolved.revision,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
-        ))
+        files = ["*.json", "*.model", "*.txt", "*.tiktoken"]
+        folder = Path(snapshot_download(resolved.location, revision=resolved.revision,
+                                        allow_patterns=files + ["*.safetensors"]))
+        if not any(folder.glob("*.safetensors")):  # older repositories: PyTorch weights, converted below
+            folder = Path(snapshot_download(resolved.location, revision=resolved.revision,
+                                            allow_patterns=files + ["*.bin"]))
     else:
         folder = Path(resolved.location)
-    if not ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()):
-        raise ModelReferenceError(
-            "model", reference, f"{folder} holds no safetensors weights",
-            "convert it once: load it with transformers and save_pretrained(folder, safe_serialization=True)",
-        )
     config = AutoConfig.from_pretrained(folder)
-    adapter_for(config)
+    if not _is_canonical(folder, adapter_for(config)):
+        folder = _canonical_copy(folder, resolved.fingerprint)
     return {
         "reference": reference,
         "folder": str(folder),
@@ -156,6 +151,29 @@ def prepare_model(reference: str) -> dict[str, Any]:
         "num_layers": int(config.num_hidden_layers),
         "max_positions": int(getattr(config, "max_position_embeddings", 0) or 0),
     }
+
+
+def _is_canonical(folder: Path, adapter) -> bool:
+    """Safetensors weights whose names are the ones transformers' own classes use (block 0 under the
+    adapter's layers path), so blocks and the stem can be read by name."""
+    if not ((folder / SINGLE_FILE).is_file() or (folder / INDEX_FILE).is_file()):
+        return False
+    return any(name.startswith(adapter.block_prefix(0)) for name in Checkpoint(folder).names)
+
+
+def _canonical_copy(folder: Path, fingerprint: str) -> Path:
+    """Convert a checkpoint with other tensor names (e.g. OPT's ``decoder.*``) or ``.bin`` weights once,
+    through transformers, into a cached safetensors folder; later runs reuse it."""
+    destination = cache_root() / "canonical" / stable_hash(fingerprint)
+    if (destination / "config.json").is_file():
+        return destination
+    run_logger(logger).info("converting %s once into a canonical safetensors folder at %s", folder, destination)
+    model, tokenizer = load_model(str(folder), dtype=AutoConfig.from_pretrained(folder).dtype or torch.float32,
+                                  device="cpu")
+    with atomic_directory(destination) as temporary:
+        model.save_pretrained(temporary)
+        tokenizer.save_pretrained(temporary)
+    return destination
 
 
 def check_output_folder(config: PruneConfig) -> None:
@@ -192,9 +210,11 @@ def check_pattern_fits(model: dict[str, Any], pattern: SparsityPattern) -> list[
 
 
 def run_keys(model: dict[str, Any], config: PruneConfig, seqlen: int) -> dict[str, Any]:
-    """Cache keys of calibration and of every block, each chaining everything upstream of it."""
+    """Cache keys of calibration and of every block, each chaining everything upstream of it: calibration
+    = (model fingerprint, data set and the hash of its training text, nsamples, seqlen, seed)."""
     calibration = stable_hash("calibration", PIPELINE_VERSION, model["fingerprint"], config.calibration,
-                              config.nsamples, seqlen, config.seed, str(config.data_dir or ""))
+                              calibration_text_hash(config.calibration, config.data_dir), config.nsamples, seqlen,
+                              config.seed)
     solver = {
         "method": config.method,
         "config": config.solver_config(),
@@ -210,10 +230,8 @@ def run_keys(model: dict[str, Any], config: PruneConfig, seqlen: int) -> dict[st
 
 
 def effective_seqlen(model: dict[str, Any], config: PruneConfig) -> int:
-    if model["max_positions"] and config.seqlen > model["max_positions"]:
-        _log().warning("seqlen %d exceeds the model's context; using %d", config.seqlen, model["max_positions"])
-        return model["max_positions"]
-    return config.seqlen
+    """The calibration window length: ``config.seqlen`` capped at the model's maximum positions."""
+    return cap_seqlen(config.seqlen, model["max_positions"] or None)
 
 
 # ------------------------------------------------------------------------------------------ capture
@@ -232,7 +250,7 @@ def capture_calibration(
                                   batch_size=batch_size)
     path = Path(store) / "activations" / f"{key}.safetensors"
     record = _save_atomically(path, lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
-    _log().info("calibration: %d x %d tokens of %s in %.1f s", nsamples, seqlen, calibration,
+    run_logger(logger).info("calibration: %d x %d tokens of %s in %.1f s", nsamples, seqlen, calibration,
                 time.perf_counter() - started)
     return {"inputs": record, "tokens": nsamples * seqlen}
 
@@ -272,8 +290,8 @@ def solve_block(
     outputs = run_block(block, block_inputs, batch_size)
 
     prefix = adapter_for(AutoConfig.from_pretrained(folder)).block_prefix(index)
-    stored = Checkpoint(folder).with_prefix(prefix)  # the stored dtypes are kept on save
-    tensors = {prefix + n: t.detach().to("cpu", stored[n].dtype) for n, t in block.state_dict().items()}
+    stored = Checkpoint(folder).dtypes(prefix)  # the stored dtypes are kept on save
+    tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}
     weights = _save_atomically(Path(store) / "blocks" / f"{key}.safetensors",
                                lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     next_inputs = _save_atomically(Path(store) / "activations" / f"{key}.safetensors",
@@ -281,7 +299,7 @@ def solve_block(
     seconds = time.perf_counter() - started
     memory = _memory_mb(target)
     mean_error = sum(r.rel_error for r in reports) / len(reports)
-    _log().info("block %02d: mean error %.5f, iterations %d, %.1f s, peak memory %.0f MB", index, mean_error,
+    run_logger(logger).info("block %02d: mean error %.5f, iterations %d, %.1f s, peak memory %.0f MB", index, mean_error,
                 sum(r.iterations for r in reports), seconds, max(memory.values()))
     return {
         "index": index,
@@ -325,15 +343,15 @@ def prune_blocks(model: dict[str, Any], calibration_task, config: PruneConfig, k
             result, cached = _call_block(index, keys["blocks"][index], model, upstream, config,
                                          keys["solver"], store, refresh)
         except StaleInputs:
-            _log().info("block %02d: its input activations are gone; recomputing what produced them", index)
+            run_logger(logger).info("block %02d: its input activations are gone; recomputing what produced them", index)
             _refresh_upstream(index)
             return ensure(index, True)
         if cached and not file_is_intact(result["weights"]):
-            _log().warning("block %02d: cached weights %s are damaged; recomputing", index, result["weights"]["path"])
+            run_logger(logger).warning("block %02d: cached weights %s are damaged; recomputing", index, result["weights"]["path"])
             return ensure(index, True)
         result["cached"] = cached
         if cached:
-            _log().info("block %02d: reused from cache (key %s)", index, keys["blocks"][index][:12])
+            run_logger(logger).info("block %02d: reused from cache (key %s)", index, keys["blocks"][index][:12])
         return result
 
     def _refresh_upstream(index: int) -> None:
@@ -350,7 +368,7 @@ def prune_blocks(model: dict[str, Any], calibration_task, config: PruneConfig, k
         done = index + 1
         eta = (time.perf_counter() - started) / done * (count - done)
         filled = round(20 * done / count)
-        _log().info("[%s%s] %d/%d blocks, about %.0f s left", "#" * filled, "-" * (20 - filled), done, count, eta)
+        run_logger(logger).info("[%s%s] %d/%d blocks, about %.0f s left", "#" * filled, "-" * (20 - filled), done, count, eta)
     return calibration, results
 
 
@@ -387,7 +405,7 @@ def save_pruned_model(model: dict[str, Any], blocks: list[dict[str, Any]], confi
     temporary.mkdir()
     try:
         for item in source.iterdir():
-            if item.is_file() and not item.name.endswith(".safetensors") and item.name != INDEX_FILE:
+            if item.is_file() and not _is_weight_file(item.name):
                 shutil.copy2(item, temporary / item.name)
         pruned_in = {}  # tensor name -> the block file holding its pruned value
         for block in blocks:
@@ -414,8 +432,16 @@ def save_pruned_model(model: dict[str, Any], blocks: list[dict[str, Any]], confi
             os.replace(temporary, output)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
-    _log().info("pruned model saved to %s", output)
+    run_logger(logger).info("pruned model saved to %s", output)
     return str(output)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+def _is_weight_file(name: str) -> bool:
+    """Weight files (and their indexes) of any format: the output gets only the pruned safetensors."""
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
 
 
 def _verify(original: Checkpoint, saved: Checkpoint, blocks: list[dict[str, Any]],

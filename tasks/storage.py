@@ -18,6 +18,8 @@ from typing import Any
 
 __all__ = [
     "CACHE_DIR_ENV",
+    "PRUNE_REPORT_FILE",
+    "SPARSITY_MANIFEST_FILE",
     "atomic_write",
     "atomic_directory",
     "atomic_write_json",
@@ -27,6 +29,9 @@ __all__ = [
 ]
 
 CACHE_DIR_ENV = "ALPS_CACHE_DIR"
+# Files a pruned model folder carries beside the standard Hugging Face ones.
+PRUNE_REPORT_FILE = "prune_report.json"
+SPARSITY_MANIFEST_FILE = "sparsity_manifest.json"
 _DEFAULT_CACHE_DIR = Path("~/.cache/alps")
 _HASH_CHUNK_BYTES = 1 << 22
 _FILE_MODE = 0o644

@@ -16,17 +16,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 from pydantic import ValidationError
 
 from alps_solver import SparsityPattern
 
 from .errors import SettingError
+from .logs import run_logger
 from .prune_config import PruneConfig
-from .storage import atomic_write, atomic_write_json
+from .storage import PRUNE_REPORT_FILE, atomic_write, atomic_write_json
 
 __all__ = [
     "SUMMARY_FILE",
@@ -47,19 +47,13 @@ SUMMARY_FILE = "sweep_summary.json"
 PLOT_FILE = "sweep_error.png"
 SUMMARY_ARTIFACT = "sweep-summary"
 # Set by the sweep for every configuration; the rest of PruneConfig comes from ``settings``.
-_SWEEP_FIELDS = ("model", "method", "pattern", "output", "cache_dir")
+_SWEEP_FIELDS = ("model", "method", "pattern", "output", "cache_dir", "overwrite")
 _ACTIVATIONS = "activations"  # where the pruning tasks keep activation files inside a cache folder
 
 
 class SweepFailed(RuntimeError):
     """One or more configurations of a sweep failed (the others finished and are in the summary)."""
 
-
-def _log() -> logging.Logger | logging.LoggerAdapter:
-    try:
-        return get_run_logger()
-    except MissingContextError:
-        return logger
 
 
 def configuration_folder(method: str, pattern: str) -> str:
@@ -81,8 +75,9 @@ def plan_sweep(model: str, methods: list[str], patterns: list[str], settings: di
     for method in methods:
         for pattern in patterns:
             try:
+                # The sweep owns its configurations' folders: a rerun (the next night) replaces them.
                 configs.append(PruneConfig(**{**settings, "keep_activations": True}, model=model, method=method,
-                                           pattern=pattern, cache_dir=cache_dir,
+                                           pattern=pattern, cache_dir=cache_dir, overwrite=True,
                                            output=Path(output) / configuration_folder(method, str(pattern))))
             except ValidationError as error:
                 first = error.errors()[0]
@@ -121,9 +116,9 @@ def run_configuration(config: PruneConfig, evaluation: dict[str, Any] | None = N
                            "flow_run_id": str(state.state_details.flow_run_id)}
     result = state.result(raise_on_failure=False)
     if isinstance(result, BaseException):
-        _log().error("%s at %s failed: %s", config.method, config.pattern, result)
+        run_logger(logger).error("%s at %s failed: %s", config.method, config.pattern, result)
         return {**row, "status": "failed", "error": f"{type(result).__name__}: {result}"}
-    report = json.loads((Path(result["output"]) / "prune_report.json").read_text(encoding="utf-8"))
+    report = json.loads((Path(result["output"]) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))
     row.update(status="completed", mean_rel_error=report["mean_rel_error"], seconds=result["seconds"],
                reused_blocks=len(result["reused_blocks"]), computed_blocks=len(result["computed_blocks"]),
                mlflow_run_id=result["run_id"])
@@ -161,7 +156,7 @@ def summarize_sweep(model: str, rows: list[dict[str, Any]], output: Path) -> dic
     plot = atomic_write(output / PLOT_FILE, lambda p: _save_figure(plot_sweep(model, rows), p))
     summary = {"model": model, "output": str(output), "plot": str(plot), "configurations": rows}
     atomic_write_json(output / SUMMARY_FILE, summary)
-    _log().info("sweep of %s: %d configurations (%d failed); summary in %s", model, len(rows),
+    run_logger(logger).info("sweep of %s: %d configurations (%d failed); summary in %s", model, len(rows),
                 sum(r["status"] != "completed" for r in rows), output / SUMMARY_FILE)
     return summary
 

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .storage import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE
+
 __all__ = [
     "DEFAULT_EXPERIMENT",
     "create_run",
@@ -59,8 +61,8 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 HISTORY_PLOT_LAYERS = 4  # solver histories drawn: spread evenly over the model's layers
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
-REPORT_FILE = "prune_report.json"
-MANIFEST_FILE = "sparsity_manifest.json"
+REPORT_FILE = PRUNE_REPORT_FILE
+MANIFEST_FILE = SPARSITY_MANIFEST_FILE
 
 
 def tracking_uri() -> str:

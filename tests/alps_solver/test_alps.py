@@ -223,6 +223,9 @@ def test_simple_preset_is_a_config():
     simple = make_config("alps-simple")
     assert isinstance(simple, Config) and simple.max_iter < Config().max_iter
     assert make_config("alps-simple", {"max_iter": 7}).max_iter == 7
+    nested = make_config("alps-simple", {"schedule": {"rho_init": 0.5}})
+    assert nested.schedule.rho_init == 0.5
+    assert nested.schedule.late_stop_after == simple.schedule.late_stop_after  # the preset's other fields stay
 
 
 # ------------------------------------------------------------------------------------------ bad input

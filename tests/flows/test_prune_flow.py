@@ -289,3 +289,18 @@ def test_a_failed_run_is_marked_failed_in_mlflow(prefect_harness, tokenizer, tmp
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("alps").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "prune/mean_rel_error" in runs[0].data.metrics  # what was logged before the failure stays
+
+
+def test_checkpoint_with_other_tensor_names_is_converted_once(prefect_harness, tokenizer, tmp_path):
+    """opt-350m and larger store ``decoder.*`` rather than ``model.decoder.*``: converted once, then pruned."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir = save_model(tmp_path / "model", tokenizer, kind="opt")
+    weights = model_dir / "model.safetensors"
+    tensors = load_file(weights)
+    save_file({n.removeprefix("model."): t for n, t in tensors.items()}, str(weights), metadata={"format": "pt"})
+    result = prune_model(config_for(model_dir, tmp_path, pattern="0.5"))
+    pruned = tensors_of(Path(result["output"]))
+    assert any(n.startswith("model.decoder.layers.0.") for n in pruned)
+    assert SparsityPattern.parse("0.5").violations(pruned["model.decoder.layers.1.fc1.weight"] != 0) == []
+    assert AutoModelForCausalLM.from_pretrained(result["output"]).config.model_type == "opt"

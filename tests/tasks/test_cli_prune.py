@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tasks.cli import app
-from tasks.cli_prune import _method_overrides
+from tasks.cli import parse_overrides
 from tasks.errors import SettingError
 from tests.flows.test_prune_flow import save_model, tokenizer  # noqa: F401  (fixture)
 
@@ -45,7 +45,7 @@ def test_bad_settings_exit_2_with_the_fix(tmp_path, arguments, message):
 
 
 def test_config_pairs_parse_json_and_nest():
-    assert _method_overrides(["max_iter=5", "schedule.rho_init=0.3", "compute_dtype=float64"]) == {
+    assert parse_overrides(["max_iter=5", "schedule.rho_init=0.3", "compute_dtype=float64"]) == {
         "max_iter": 5, "schedule": {"rho_init": 0.3}, "compute_dtype": "float64"}
     with pytest.raises(SettingError):
-        _method_overrides(["=3"])
+        parse_overrides(["=3"])

@@ -180,3 +180,16 @@ def test_describe_counts_local_files_and_never_contacts_the_hub(
     monkeypatch.delenv(DATA_DIR_ENV, raising=False)
     hub_rows = describe_datasets()
     assert {row["status"] for row in hub_rows} == {"hub", "built-in"}
+
+
+def test_calibration_text_hash_follows_the_text_not_the_path(data_dir, tmp_path):
+    from tasks.data import calibration_text_hash
+
+    local = calibration_text_hash("wikitext2", data_dir)
+    assert calibration_text_hash("wikitext2", str(data_dir) + "/.") == local  # same text, other spelling
+    copy = tmp_path / "wikitext2"
+    copy.mkdir()
+    source = (data_dir / "wikitext2" / "wiki.train.prefix-1018lines.raw").read_text()
+    (copy / "wiki.train.prefix-1018lines.raw").write_text(source.replace("Valkyria", "Valkyrie"))
+    assert calibration_text_hash("wikitext2", tmp_path) != local  # changed text, new key
+    assert calibration_text_hash("pydoc") != local
