@@ -16,6 +16,7 @@ from tasks.evaluation import (
     measure_zero_shot,
     publish_evaluation,
 )
+from tasks.remote import register_by_reference
 
 
 @flow(name="evaluate-model", flow_run_name="evaluate-{config.model}", log_prints=False)
@@ -47,3 +48,6 @@ def evaluate_model(config: EvaluateConfig, run_id: str | None = None) -> dict[st
                    "accuracy": zero_shot["accuracy"] if zero_shot else {}, "limit": config.limit, "seconds": seconds}
         publish_evaluation(summary, report, tracking.run_url(run))
     return summary
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

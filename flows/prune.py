@@ -23,6 +23,7 @@ from tasks.pruning import (
     save_pruned_model,
     store_folder,
 )
+from tasks.remote import register_by_reference
 
 
 def _run_name() -> str:
@@ -64,3 +65,6 @@ def prune_model(config: PruneConfig, parent_run_id: str | None = None) -> dict[s
         if config.evaluate:
             result["evaluation"] = evaluate_model(config.evaluation(output), run_id=run_id)
     return result
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

@@ -19,6 +19,7 @@ from tasks.sweep import (
     run_configuration,
     summarize_sweep,
 )
+from tasks.remote import register_by_reference
 
 DEFAULT_SETTINGS = {"calibration": "pydoc", "nsamples": 16, "seqlen": 512, "threads": 1}
 
@@ -78,3 +79,6 @@ def _tracked_sweep(model: str, methods, patterns, settings: dict[str, Any]) -> I
     with tracking.tracked_run(None, f"sweep-{Path(model).name}", {"model": model, "method": "sweep"}) as run_id:
         tracking.log_params(run_id, {"methods": list(methods), "patterns": list(patterns), **settings}, "sweep.")
         yield run_id
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

@@ -54,6 +54,7 @@ from .data import DatasetKind, dataset_spec, load_examples, resolve_data_root
 from .errors import SettingError
 from .logs import run_logger
 from .perplexity import evaluate_perplexity
+from .remote import register_by_reference
 from .storage import PRUNE_REPORT_FILE
 
 __all__ = [
@@ -379,3 +380,6 @@ def publish_evaluation(summary: dict[str, Any], report: dict[str, Any] | None, m
                          "max_rel_error": round(max(errors), 6), "seconds": round(block["seconds"], 2)})
         create_table_artifact(rows, key="block-errors", description="relative error per pruned block")
     create_link_artifact(mlflow_url, link_text=f"MLflow run {summary['run_id']}", key="mlflow-run")
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

@@ -25,6 +25,7 @@ from alps_solver import LayerProblem, SparsityPattern
 
 from .blocks import LayerReport, Solved, SolveLayers, solve_linear
 from .errors import SettingError
+from .remote import register_by_reference
 
 __all__ = ["RunnerKind", "make_task_runner", "solve_layer", "solve_with_runner", "worker_devices"]
 
@@ -116,3 +117,6 @@ def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, meth
             shutil.rmtree(work, ignore_errors=True)
 
     return solve_all
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

@@ -42,6 +42,7 @@ from .models import ModelKind, load_model, resolve_device, resolve_model
 from .parallel import make_task_runner, solve_with_runner, worker_devices
 from .perplexity import cap_seqlen
 from .prune_config import PIPELINE_VERSION, PruneConfig, stable_hash
+from .remote import register_by_reference
 from .storage import (
     PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_directory, atomic_write, atomic_write_json, cache_root,
     sha256_file,
@@ -488,3 +489,6 @@ def release_activations(records: list[dict[str, Any]]) -> int:
             path.unlink()
             removed += 1
     return removed
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

@@ -26,6 +26,7 @@ from alps_solver import SparsityPattern
 from .errors import SettingError
 from .logs import run_logger
 from .prune_config import PruneConfig
+from .remote import register_by_reference
 from .storage import PRUNE_REPORT_FILE, atomic_write, atomic_write_json
 
 __all__ = [
@@ -204,3 +205,6 @@ def plot_sweep(model: str, rows: list[dict[str, Any]]):  # noqa: ANN201 (a matpl
         if lines:
             ax.legend(fontsize="small")
     return figure
+
+
+register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)

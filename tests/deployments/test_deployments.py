@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from transformers import AutoTokenizer
 
@@ -156,3 +157,39 @@ def test_worker_runs_the_prune_deployment(deployed, server, worker, tiny_model, 
     assert run.state is not None and run.state.is_completed(), f"{run.state}\n{log[-4000:]}"
     report = json.loads((tmp_path / "pruned" / "prune_report.json").read_text())
     assert report["config"]["model"] == str(tiny_model) and report["computed_blocks"] == [0, 1]
+
+
+RUN_FLOW = (
+    "import json, sys\n"
+    "from flows.prune import prune_model\n"
+    "from tasks.prune_config import PruneConfig\n"
+    "print('RESULT ' + json.dumps(prune_model(PruneConfig.model_validate_json(sys.argv[1]))))\n"
+)
+
+
+def _run_flow(env: dict[str, str], config: dict) -> dict:
+    from tasks.prune_config import PruneConfig
+
+    done = subprocess.run([sys.executable, "-c", RUN_FLOW, PruneConfig(**config).model_dump_json()], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+
+
+def test_dask_cluster_of_worker_processes_against_the_server_matches_sequential(server, tiny_model, tmp_path,
+                                                                              monkeypatch):
+    from distributed import LocalCluster
+    from safetensors.torch import load_file
+
+    base = dict(model=str(tiny_model), pattern="0.6", calibration="pydoc", nsamples=4, seqlen=32, device="cpu",
+                batch_size=2, evaluate=False)
+    sequential = _run_flow(server, dict(base, output=str(tmp_path / "seq"), cache_dir=str(tmp_path / "c1")))
+    for name in ("PREFECT_API_URL", "PYTHONPATH", "PREFECT_HOME"):  # what the worker processes inherit
+        monkeypatch.setenv(name, server[name])
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
+        parallel = _run_flow(server, dict(base, output=str(tmp_path / "dask"), cache_dir=str(tmp_path / "c2"),
+                                          task_runner="dask", solve_workers=2,
+                                          runner_address=cluster.scheduler_address))
+    want = load_file(str(Path(sequential["output"]) / "model.safetensors"))
+    got = load_file(str(Path(parallel["output"]) / "model.safetensors"))
+    assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
