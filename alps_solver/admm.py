@@ -114,7 +114,7 @@ def run_admm(
     H, W0 = scaled.Hs, scaled.B0
     k = max(pattern.kept_count(*W0.shape), 1)
     inverse = _Inverse(H)
-    W0H = W0 @ H  # (d_out, d_in), constant part of the weight step
+    W0H = scaled.B0Hs  # (d_out, d_in), constant part of the weight step
     reference = max(float((W0H * W0).sum()), torch.finfo(torch.float64).tiny)
 
     def scaled_error(B: torch.Tensor) -> float:

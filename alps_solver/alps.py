@@ -118,7 +118,7 @@ def backsolve(
     B_start = (weight * scaled.scale[None, :]).to(scaled.Hs.dtype)
     outcome = masked_pcg(
         scaled.Hs,
-        scaled.B0 @ scaled.Hs,  # right-hand sides: row i is (Hs w0_i)^T
+        scaled.B0Hs,  # right-hand sides, shared with the ADMM weight step
         mask,
         B_start,
         max_iter=config.pcg_max_iter,

@@ -131,6 +131,12 @@ class ScaledProblem:
         B0 = problem.weight.to(torch.float64) * s[None, :]
         return cls(Hs=Hs.to(dtype), B0=B0.to(dtype), scale=s.to(dtype), damping=lam)
 
+    @cached_property
+    def B0Hs(self) -> torch.Tensor:
+        """(d_out, d_in) B0 Hs: the constant term of the ADMM weight step and the backsolve's right-hand
+        sides (row i is (Hs b0_i)^T); computed once per problem."""
+        return self.B0 @ self.Hs
+
     def unscale(self, B: torch.Tensor) -> torch.Tensor:
         """Back from scaled variables B to weights W = B diag(s)^-1."""
         return B / self.scale[None, :]

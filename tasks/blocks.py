@@ -166,7 +166,8 @@ def prune_block(
     group_of = {name: group[0] for group in groups for name in group}
     for stage in stages:
         names = [name for group in stage for name in group]
-        problems = collect_layer_problems(block, inputs, names, batch_size=batch_size, gram_dtype=gram_dtype)
+        problems = collect_layer_problems(block, inputs, names, batch_size=batch_size, gram_dtype=gram_dtype,
+                                          groups=groups)
 
         solved = solver(problems, group_of)
         for name in names:
@@ -184,10 +185,13 @@ def collect_layer_problems(
     *,
     batch_size: int = 8,
     gram_dtype: torch.dtype = torch.float32,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, LayerProblem]:
     """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of each named linear
-    layer; layers reading the same input share one H. Keys follow ``names``."""
-    leader = {name: group[0] for group in discover_groups(block, inputs) for name in group}
+    layer; layers reading the same input share one H. Keys follow ``names``. ``groups`` (from
+    ``discover_groups``) saves discovering them again."""
+    groups = groups if groups is not None else discover_groups(block, inputs)
+    leader = {name: group[0] for group in groups for name in group}
     unknown = sorted(set(names) - set(leader))
     if unknown:
         raise KeyError(f"no linear layers named {unknown} run in this block; it has {sorted(leader)}")

@@ -66,10 +66,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = SPARSITY_MANIFEST_FILE
-REPORT_FILE = PRUNE_REPORT_FILE
-
-
 
 class StaleInputs(Exception):
     """A task's input file is missing or does not match its recorded hash; the producer must rerun."""
@@ -422,8 +418,8 @@ def save_pruned_model(model: dict[str, Any], blocks: list[dict[str, Any]], confi
         original = Checkpoint(source)
         write_like(original, temporary, replacement)
         manifest = _verify(original, Checkpoint(temporary), blocks, config.sparsity_pattern)
-        atomic_write_json(temporary / MANIFEST_FILE, manifest)
-        atomic_write_json(temporary / REPORT_FILE, report)
+        atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
+        atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
         if output.exists():
             retired = output.with_name(f".{output.name}.{os.getpid()}.old")
             os.replace(output, retired)

@@ -61,8 +61,6 @@ DEFAULT_UI_URL = "http://127.0.0.1:5000"
 HISTORY_PLOT_LAYERS = 4  # solver histories drawn: spread evenly over the model's layers
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value
 _METRICS_PER_BATCH = 1000  # MLflow's limit per log_batch call
-REPORT_FILE = PRUNE_REPORT_FILE
-MANIFEST_FILE = SPARSITY_MANIFEST_FILE
 
 
 def tracking_uri() -> str:
@@ -196,7 +194,7 @@ def log_prune_report(run_id: str, report: Mapping[str, Any]) -> None:
     rows += [("prune/mean_rel_error", report["mean_rel_error"], 0), ("prune/seconds", report["seconds"], 0)]
     _log_metric_rows(run_id, rows)
     client = _client()
-    client.log_dict(run_id, dict(report), REPORT_FILE)
+    client.log_dict(run_id, dict(report), PRUNE_REPORT_FILE)
     for name, plot in (("layer_error", plot_layer_errors), ("solver_history", plot_solver_history),
                        ("layer_sparsity", plot_layer_sparsity)):
         figure = plot(report)
@@ -223,7 +221,7 @@ def log_prune_run(
     into the run's artifacts (``model/``); otherwise only its path is recorded (tag ``model_path``).
     """
     output = Path(output).resolve()
-    report = json.loads((output / REPORT_FILE).read_text(encoding="utf-8"))
+    report = json.loads((output / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))
     with tracked_run(run_id, prune_run_name(config), prune_tags(config, output), experiment) as run:
         log_params(run, config, "prune.")
         log_metrics(run, {"prune/reused_blocks": len(result.get("reused_blocks", [])),
@@ -260,8 +258,8 @@ def log_model_folder(run_id: str, folder: str | Path, log_model: bool) -> None:
     client.set_tag(run_id, "model_path", str(Path(folder).resolve()))
     if log_model:
         client.log_artifacts(run_id, str(folder), "model")
-    elif (Path(folder) / MANIFEST_FILE).is_file():
-        client.log_artifact(run_id, str(Path(folder) / MANIFEST_FILE))
+    elif (Path(folder) / SPARSITY_MANIFEST_FILE).is_file():
+        client.log_artifact(run_id, str(Path(folder) / SPARSITY_MANIFEST_FILE))
 
 
 def prune_run_name(config: Mapping[str, Any]) -> str:

@@ -82,7 +82,7 @@ def solve(
     H, W0, rho = scaled.Hs, scaled.B0, config.rho
     eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
     factor = torch.linalg.cholesky(H + rho * eye)  # H has unit diagonal: H + rho I is well conditioned
-    W0H = W0 @ H  # (d_out, d_in), constant part of the weight step
+    W0H = scaled.B0Hs  # (d_out, d_in), constant part of the weight step
     reference = max(float((W0H * W0).sum()), torch.finfo(torch.float64).tiny)
     k = max(pattern.kept_count(problem.d_out, problem.d_in), 1)
     setup = time.perf_counter()
