@@ -14,16 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ALPS = str(Path(sys.executable).with_name("alps"))
 
+from bench.processes import add_calibration_options, run_measured  # noqa: E402
 from tasks.storage import atomic_write_json  # noqa: E402
 
 # Settings that decide the numbers: a resumed file must have been made with the same ones.
@@ -31,31 +30,14 @@ RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "pp
 
 
 def run(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
-    """Run a command; returns (wall seconds, that process's peak RSS in MB, its output).
-
-    The peak comes from a small Python wrapper that runs the command and reads ``RUSAGE_CHILDREN``,
-    which in a fresh process is exactly the one child's peak.
-    """
-    wrapper = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
-               "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-               "sys.exit(code)")
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", wrapper, *command], env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
-    log = done.stdout + done.stderr
-    peak = next((int(line.split()[1]) / 1024 for line in log.splitlines() if line.startswith("MAXRSS_KB")), None)
+    """Run a command in its own process; returns (wall seconds, its peak RSS in MB, its output)."""
+    seconds, peak, log, _ = run_measured(command, env)
     return seconds, peak, log
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--calibration", default="c4")
-    parser.add_argument("--data-dir", default=os.environ.get("ALPS_DATA_DIR"))
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    add_calibration_options(parser)
     parser.add_argument("--methods", nargs="+", default=["alps", "sparsegpt", "wanda", "magnitude"])
     parser.add_argument("--patterns", nargs="+", default=["0.5", "0.7", "2:4"])
     parser.add_argument("--ppl-windows", type=int, default=16, help="WikiText-2 windows of 2048 tokens")

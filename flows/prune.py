@@ -55,7 +55,7 @@ def prune_model(config: PruneConfig, parent_run_id: str | None = None) -> dict[s
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.experiment) as run_id:
         captured, blocks = prune_blocks(model, calibration, config, keys, store)
-        report = prune_report(model, config, seqlen, blocks)
+        report = prune_report(model, config, seqlen, blocks, captured)
         output = save_pruned_model(model, blocks, config, report)
         if not config.keep_activations:
             release_activations([captured["inputs"]] + [block["outputs"] for block in blocks])

@@ -12,6 +12,7 @@ block (or calibration) that produced them.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import resource
@@ -249,7 +250,9 @@ def capture_calibration(
     record = _save_atomically(path, lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
     run_logger(logger).info("calibration: %d x %d tokens of %s in %.1f s", nsamples, seqlen, calibration,
                 time.perf_counter() - started)
-    return {"inputs": record, "tokens": nsamples * seqlen}
+    # The hash of the exact token windows lets another tool's run prove it calibrated on the same ones.
+    tokens_sha256 = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+    return {"inputs": record, "tokens": nsamples * seqlen, "tokens_sha256": tokens_sha256}
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -369,13 +372,17 @@ def prune_blocks(model: dict[str, Any], calibration_task, config: PruneConfig, k
     return calibration, results
 
 
-def prune_report(model: dict[str, Any], config: PruneConfig, seqlen: int,
-                 blocks: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run's record for prune_report.json: settings, and per block and layer what the solver did."""
+def prune_report(model: dict[str, Any], config: PruneConfig, seqlen: int, blocks: list[dict[str, Any]],
+                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's record for prune_report.json: settings, the calibration windows used (count and sha256 of
+    the token ids; None for a capture cached before the hash was recorded), and per block and layer what
+    the solver did."""
     layers = [layer for block in blocks for layer in block["layers"]]
+    calibration = calibration or {}
     return {
         "model": {k: model[k] for k in ("reference", "fingerprint", "model_type", "num_layers")},
         "config": {**config.model_dump(mode="json"), "seqlen_used": seqlen, "solver_config": config.solver_config()},
+        "calibration": {"tokens": calibration.get("tokens"), "tokens_sha256": calibration.get("tokens_sha256")},
         "pipeline_version": PIPELINE_VERSION,
         "reused_blocks": [b["index"] for b in blocks if b.get("cached")],
         "computed_blocks": [b["index"] for b in blocks if not b.get("cached")],

@@ -1,0 +1,41 @@
+"""What the whole-model benchmarks share: their model and calibration options, and running one configuration
+as its own process with its wall time and peak memory."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Runs the command, then prints the peak RSS of its (only) child: in a fresh process RUSAGE_CHILDREN is exactly
+# that child's peak.
+_WRAPPER = ("import resource, subprocess, sys; code = subprocess.call(sys.argv[1:]); "
+            "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+            "sys.exit(code)")
+
+
+def run_measured(command: list[str], env: dict[str, str], cwd: Path | None = None,
+                 check: bool = True) -> tuple[float, float | None, str, int]:
+    """Run ``command``; returns (wall seconds, its peak RSS in MB, its output, exit code). With ``check`` a
+    failure raises RuntimeError carrying the end of the output."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", _WRAPPER, *command], env=env, cwd=cwd, capture_output=True,
+                          text=True)
+    seconds = time.perf_counter() - started
+    log = done.stdout + done.stderr
+    if check and done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    peak = next((int(line.split()[1]) / 1024 for line in log.splitlines() if line.startswith("MAXRSS_KB")), None)
+    return seconds, peak, log, done.returncode
+
+
+def add_calibration_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --calibration, --data-dir, --nsamples and --seqlen, with the benchmarks' defaults."""
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--calibration", default="c4")
+    parser.add_argument("--data-dir", default=os.environ.get("ALPS_DATA_DIR"))
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
