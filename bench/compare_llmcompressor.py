@@ -30,7 +30,6 @@ table and a plot beside it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata
 import json
 import os
@@ -298,11 +297,6 @@ def plot_results(record: dict[str, Any], path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ processes
-def run(command: list[str], env: dict[str, str], cwd: Path, check: bool = True) -> tuple[float, float | None, str, int]:
-    """Run a command in its own process: (wall seconds, its peak RSS in MB, its output, exit code)."""
-    return run_measured(command, env, cwd, check)
-
-
 def worker_result(log: str) -> dict[str, Any]:
     """The worker's final ``RESULT {json}`` line."""
     lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
@@ -328,7 +322,7 @@ def ensure_llmc_venv(venv: Path) -> Path:
 
 
 def llmc_versions(python: Path, env: dict[str, str], cwd: Path) -> dict[str, str]:
-    _, _, log, _ = run([str(python), str(WORKER), "--model", "-", "--tokens", "-", "--method", "wanda",
+    _, _, log, _ = run_measured([str(python), str(WORKER), "--model", "-", "--tokens", "-", "--method", "wanda",
                         "--pattern", "0.5", "--output", "-", "--versions"], env, cwd)
     return worker_result(log)["versions"]
 
@@ -360,14 +354,14 @@ def save_calibration(dense: Path, args: argparse.Namespace, path: Path) -> str:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from tasks.data import calibration_windows
+    from tasks.data import calibration_windows, tokens_sha256
     from tasks.storage import atomic_write
 
     tokenizer = AutoTokenizer.from_pretrained(dense)
     tokens = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
                                  seed=args.seed, data_dir=args.data_dir).to(torch.int64).contiguous()
     atomic_write(path, lambda p: save_file({"input_ids": tokens}, str(p)))
-    return hashlib.sha256(tokens.numpy().tobytes()).hexdigest()
+    return tokens_sha256(tokens)
 
 
 def evaluate(folder: Path, name: str, args: argparse.Namespace, env: dict[str, str], work: Path) -> dict[str, float]:
@@ -377,7 +371,7 @@ def evaluate(folder: Path, name: str, args: argparse.Namespace, env: dict[str, s
                "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output", str(output)]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
-    run(command, env, work)
+    run_measured(command, env, work)
     results = {r["dataset"]: r["perplexity"] for r in json.loads(output.read_text())["results"]}
     return {f"{eval_set}_ppl": results[eval_set] for eval_set in EVAL_SETS}
 
@@ -387,7 +381,7 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
                  check: bool = True) -> tuple[float, float | None, str, int]:
     command = [str(python), str(WORKER), "--model", str(dense), "--tokens", str(tokens), "--method", method,
                "--pattern", pattern, "--variant", variant, "--output", str(output), "--threads", str(args.threads)]
-    return run(command, env, work, check=check)
+    return run_measured(command, env, work, check=check)
 
 
 def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
@@ -401,7 +395,7 @@ def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argpa
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     try:
-        seconds, peak, _, _ = run(command, env, work)
+        seconds, peak, _, _ = run_measured(command, env, work)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     report = json.loads((output / "prune_report.json").read_text())
@@ -452,7 +446,8 @@ def sparsegpt_layer_check(python: Path, dense: Path, args: argparse.Namespace, e
     from tasks.storage import atomic_write
 
     capture = argparse.Namespace(model=str(dense), calibration=args.calibration, data_dir=args.data_dir,
-                                 nsamples=args.nsamples, seqlen=args.seqlen, blocks=LAYER_CHECK_BLOCKS,
+                                 nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                 blocks=LAYER_CHECK_BLOCKS,
                                  layers=LAYER_CHECK_LAYERS)
     torch.set_num_threads(args.threads)
     problems = capture_problems(capture)
@@ -463,7 +458,7 @@ def sparsegpt_layer_check(python: Path, dense: Path, args: argparse.Namespace, e
     source, output = work / "layer-problems.safetensors", work / "layer-problems-theirs.safetensors"
     atomic_write(source, lambda path: save_file(tensors, str(path)))
     patterns = list(args.patterns)
-    run([str(python), str(LAYER_WORKER), "--problems", str(source), "--patterns", *patterns, "--output",
+    run_measured([str(python), str(LAYER_WORKER), "--problems", str(source), "--patterns", *patterns, "--output",
          str(output), "--threads", str(args.threads)], env, work)
     pruned = load_file(str(output))
     ours, theirs = {}, {}

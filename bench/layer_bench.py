@@ -54,7 +54,7 @@ def capture_problems(args: argparse.Namespace) -> dict[str, object]:
     folder = Path(locate_model(args.model).location)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
-                                 seed=0, data_dir=args.data_dir)
+                                 seed=args.seed, data_dir=args.data_dir)
     device = torch.device("cpu")
     inputs = capture_block_inputs(folder, tokens, device=device, batch_size=4)
     problems = {}
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
     parser.add_argument("--layers", nargs="+", default=["q_proj", "o_proj", "up_proj", "down_proj"])
     parser.add_argument("--methods", nargs="+", default=METHODS)

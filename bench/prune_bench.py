@@ -29,12 +29,6 @@ from tasks.storage import atomic_write_json  # noqa: E402
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "ppl_windows", "threads")
 
 
-def run(command: list[str], env: dict[str, str]) -> tuple[float, float | None, str]:
-    """Run a command in its own process; returns (wall seconds, its peak RSS in MB, its output)."""
-    seconds, peak, log, _ = run_measured(command, env)
-    return seconds, peak, log
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_calibration_options(parser)
@@ -68,7 +62,7 @@ def main() -> None:
     if args.data_dir:
         dense_ppl += ["--data-dir", args.data_dir]
     if "dense_wikitext2_ppl" not in record:
-        run(dense_ppl, env)
+        run_measured(dense_ppl, env)
         record["dense_wikitext2_ppl"] = json.loads((work / "ppl-dense.json").read_text())["results"][0]["perplexity"]
     dense = record["dense_wikitext2_ppl"]
     print(f"dense WikiText-2 perplexity {dense:.3f}", flush=True)
@@ -84,13 +78,13 @@ def main() -> None:
                 "--output", str(work / name), "--cache-dir", str(work / "cache"), "--threads", str(args.threads),
                 "--overwrite", "--no-eval",  # perplexity is measured below, the same way for every run
             ] + (["--data-dir", args.data_dir] if args.data_dir else [])
-            seconds, peak_mb, _ = run(command, env)
+            seconds, peak_mb, _, _ = run_measured(command, env)
             ppl_command = [ALPS, "ppl", "--model", str(work / name), "--datasets", "wikitext2", "--seqlen", "2048",
                            "--max-windows", str(args.ppl_windows), "--threads", str(args.threads),
                            "--output", str(work / f"ppl-{name}.json")]
             if args.data_dir:
                 ppl_command += ["--data-dir", args.data_dir]
-            run(ppl_command, env)
+            run_measured(ppl_command, env)
             ppl = json.loads((work / f"ppl-{name}.json").read_text())["results"][0]["perplexity"]
             report = json.loads((work / name / "prune_report.json").read_text())
             row = {"method": method, "pattern": pattern, "wall_seconds": seconds, "peak_rss_mb": peak_mb,

@@ -372,6 +372,12 @@ def calibration_windows(
     return windows
 
 
+def tokens_sha256(tokens: torch.Tensor) -> str:
+    """sha256 of token ids as contiguous int64 bytes: names the exact calibration windows a run used, so another
+    tool's run can prove it calibrated on the same ones."""
+    return hashlib.sha256(tokens.to(torch.int64).contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
 def calibration_text_hash(name: str, data_dir: str | Path | None = None) -> str:
     """sha256 of the training text ``calibration_windows`` draws from, wherever it comes from (data root,
     hub or the running Python's pydoc): what calibration caches key on, so other text never reuses them."""

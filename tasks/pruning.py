@@ -12,7 +12,6 @@ block (or calibration) that produced them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import resource
@@ -36,8 +35,8 @@ from .adapters import adapter_for, build_block, decoder_layer_class, linear_name
 from .blocks import prune_block
 from .calibration import capture_block_inputs, load_block_inputs, run_block, save_block_inputs
 from .checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, write_like
-from .data import calibration_text_hash, calibration_windows
-from .errors import AlpsError, ModelReferenceError
+from .data import calibration_text_hash, calibration_windows, tokens_sha256
+from .errors import AlpsError
 from .logs import run_logger
 from .models import ModelKind, load_model, resolve_device, resolve_model
 from .parallel import make_task_runner, solve_with_runner, worker_devices
@@ -250,9 +249,7 @@ def capture_calibration(
     record = _save_atomically(path, lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
     run_logger(logger).info("calibration: %d x %d tokens of %s in %.1f s", nsamples, seqlen, calibration,
                 time.perf_counter() - started)
-    # The hash of the exact token windows lets another tool's run prove it calibrated on the same ones.
-    tokens_sha256 = hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
-    return {"inputs": record, "tokens": nsamples * seqlen, "tokens_sha256": tokens_sha256}
+    return {"inputs": record, "tokens": nsamples * seqlen, "tokens_sha256": tokens_sha256(tokens)}
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -373,12 +370,11 @@ def prune_blocks(model: dict[str, Any], calibration_task, config: PruneConfig, k
 
 
 def prune_report(model: dict[str, Any], config: PruneConfig, seqlen: int, blocks: list[dict[str, Any]],
-                 calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+                 calibration: dict[str, Any]) -> dict[str, Any]:
     """The run's record for prune_report.json: settings, the calibration windows used (count and sha256 of
     the token ids; None for a capture cached before the hash was recorded), and per block and layer what
     the solver did."""
     layers = [layer for block in blocks for layer in block["layers"]]
-    calibration = calibration or {}
     return {
         "model": {k: model[k] for k in ("reference", "fingerprint", "model_type", "num_layers")},
         "config": {**config.model_dump(mode="json"), "seqlen_used": seqlen, "solver_config": config.solver_config()},

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..config import COMPUTE_DTYPES, require, require_compute_dtype, require_version
+from ..config import COMPUTE_DTYPES, require_compute_dtype, require_version
 from ..problem import LayerProblem
 from ..result import CheckRecord, Result, Status
 from ..sparsity import PatternKind, SparsityPattern

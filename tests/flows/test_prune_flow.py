@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from alps_solver import SparsityPattern
 from flows.prune import prune_model
+from tasks.data import calibration_windows, tokens_sha256
 from tasks.errors import AlpsError, DataError, ModelReferenceError
 from tasks.prune_config import PruneConfig
 
@@ -102,6 +103,9 @@ def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, 
     assert all(layer["achieved_sparsity"] == pytest.approx(p.sparsity, abs=0.01) for layer in layers)
     assert all(0 <= layer["rel_error"] <= 1 for layer in layers)
     assert report["computed_blocks"] == [0, 1] and report["reused_blocks"] == []
+    # The report names the exact calibration windows: the same sampler, settings and tokenizer give its hash.
+    windows = calibration_windows("pydoc", AutoTokenizer.from_pretrained(model_dir), nsamples=4, seqlen=32)
+    assert report["calibration"] == {"tokens": 4 * 32, "tokens_sha256": tokens_sha256(windows)}
 
 
 def test_rerun_reuses_blocks_and_a_changed_parameter_recomputes(prefect_harness, tokenizer, tmp_path):
