@@ -235,8 +235,8 @@ _BRACKET_SIGMAS = 4.0  # bracket half-width in standard deviations of the sample
 def _largest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Mask of the k largest entries of a 1-D tensor.
 
-    A sample brackets the k-th largest score between two thresholds; everything above the upper one is
-    kept, everything at or below the lower one dropped, and top-k runs only on the narrow band between.
+    A sample brackets the k-th largest score between two thresholds; the exact k-th largest is then
+    found among the few scores between them, and everything at or above it is kept.
     """
     size = scores.numel()
     if size < 16 * _SAMPLE or not 0 < k < size:
@@ -247,14 +247,14 @@ def _largest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     margin = _BRACKET_SIGMAS * (q * (1.0 - q) / _SAMPLE) ** 0.5 + 1.0 / _SAMPLE
     low = sample[max(int((q - margin) * (_SAMPLE - 1)), 0)]
     high = sample[min(int((q + margin) * (_SAMPLE - 1)) + 1, _SAMPLE - 1)]
-    keep = scores > high
-    band = ((scores > low) & ~keep).nonzero().squeeze(1)
-    need = k - int(keep.sum())
-    if not 0 <= need <= band.numel():  # the sample missed the k-th score (or ties straddle it)
+    need = k - int(torch.count_nonzero(scores > high))  # how many of the band (low, high] to keep
+    band = scores[(scores > low).logical_and_(scores <= high)]
+    if not 0 < need <= band.numel():  # the sample missed the k-th score
         return _topk_mask(scores, k)
-    if need:
-        keep[band[torch.topk(scores[band], need, sorted=False).indices]] = True
-    return keep
+    threshold = torch.kthvalue(band, band.numel() - need + 1).values
+    if int(torch.count_nonzero(band >= threshold)) != need:  # ties at the k-th score: let top-k choose
+        return _topk_mask(scores, k)
+    return scores >= threshold
 
 
 def _n_of_m_mask(groups: torch.Tensor, n: int) -> torch.Tensor:

@@ -68,6 +68,20 @@ def capture_problems(args: argparse.Namespace) -> dict[str, object]:
     return problems
 
 
+def admm_flops(result, d_out: int, d_in: int) -> float:
+    """Matrix-product FLOPs the ADMM iterations of an ALPS ``result`` executed.
+
+    Every iteration's weight step is a (d_out, d_in) x (d_in, d_in) product, and so is every check's error
+    of the sparse iterate; each penalty in force for at least one iteration costs one (d_in, d_in) x
+    (d_in, d_in) product to form (H + rho I)^-1 from the eigenbasis. A change of rho at the last
+    iteration is never used. The one-time eigendecomposition is not part of the iterations (its time is
+    ``timings["eigh"]``, outside ``timings["admm"]``).
+    """
+    builds = 1 + sum(1 for u in result.rho_updates if u.iteration < result.iterations and u.new != u.old)
+    products = result.iterations + len(result.history)
+    return 2.0 * d_in * d_in * (products * d_out + builds * d_in)
+
+
 def matmul_rate(d_out: int, d_in: int, repeats: int = 20) -> float:
     """Measured GFLOP/s of the ADMM weight step's product (d_out, d_in) x (d_in, d_in), float32."""
     A, B = torch.randn(d_out, d_in), torch.randn(d_in, d_in)
@@ -107,20 +121,21 @@ def main() -> None:
     rows = []
     for pattern in args.patterns:
         for method in args.methods:
-            errors, seconds, iteration_rates, machine_rates = [], [], [], []
+            errors, seconds, iteration_rates, machine_rates, timings = [], [], [], [], {}
             method_name, method_config = parse_method(method)
             for name, problem in problems.items():
                 result = solve(problem, pattern, method=method_name, config=method_config)
                 errors.append(result.rel_error)
                 seconds.append(result.seconds)
+                for phase, spent in result.timings.items():
+                    timings[phase] = timings.get(phase, 0.0) + spent / len(problems)
                 if method.startswith("alps") and result.iterations:
                     d_out, d_in = problem.weight.shape
-                    per_iteration = result.timings["admm"] / result.iterations
-                    iteration_rates.append(2 * d_out * d_in * d_in / per_iteration / 1e9)
+                    iteration_rates.append(admm_flops(result, d_out, d_in) / result.timings["admm"] / 1e9)
                     machine_rates.append(matmul_rate(d_out, d_in))
             row = {"method": method, "pattern": pattern, "layers": len(errors),
                    "mean_rel_error": sum(errors) / len(errors), "mean_seconds": sum(seconds) / len(seconds),
-                   "errors": errors, "seconds": seconds}
+                   "mean_timings": timings, "errors": errors, "seconds": seconds}
             if iteration_rates:
                 row["admm_gflops"] = sum(iteration_rates) / len(iteration_rates)
                 row["matmul_gflops"] = sum(machine_rates) / len(machine_rates)
@@ -136,7 +151,7 @@ def main() -> None:
         if changed:
             raise SystemExit(f"--merge: {args.output} was made with other {changed}; use another --output")
         rows = [r for r in previous["rows"] if r["method"] not in args.methods] + rows
-        args.methods = list(dict.fromkeys([r["method"] for r in previous["rows"]] + args.methods))
+        args.methods = list(dict.fromkeys(previous["settings"]["methods"] + args.methods))  # columns keep their order
 
     def cell(method: str, pattern: str) -> dict:
         return next(r for r in rows if r["method"] == method and r["pattern"] == pattern)
