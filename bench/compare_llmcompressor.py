@@ -21,6 +21,11 @@ the same calibration windows; theirs through llm-compressor's own ``sparsify_wei
 ``bench/llmcompressor_layers.py``) and reports our error over theirs per pattern: the algorithm compared
 without the pipelines around it.
 
+``--batch-check`` runs our SparseGPT again at the target pattern with other calibration batch sizes: H is
+summed per batch of windows, llm-compressor feeds one window at a time, and at high sparsity the rounding of
+those sums alone moves a small model's perplexity by several percent. Batch size 1 is the like-for-like
+correctness check of our SparseGPT against theirs.
+
 Results go to a JSON file after every run (``--resume`` continues one with the same settings), a markdown
 table and a plot beside it.
 
@@ -51,6 +56,7 @@ WORKER = REPO / "bench" / "llmcompressor_worker.py"
 LAYER_WORKER = REPO / "bench" / "llmcompressor_layers.py"
 
 from bench.processes import add_calibration_options, run_measured  # noqa: E402
+from tasks.prune_config import PruneConfig  # noqa: E402
 from tasks.storage import atomic_write_json, atomic_write_text  # noqa: E402
 
 OURS, THEIRS = "ours", "llm-compressor"
@@ -70,6 +76,9 @@ TARGET_PATTERN = "0.7"
 # --layer-check: real layer problems of these blocks and layers, SparseGPT by both tools on the same (W, H).
 LAYER_CHECK_BLOCKS = [0, 15]
 LAYER_CHECK_LAYERS = ["q_proj", "o_proj", "up_proj", "down_proj"]
+# --batch-check: our SparseGPT again at TARGET_PATTERN with these calibration batch sizes (windows per block
+# forward; H is summed per batch). llm-compressor feeds one window per forward, like batch size 1.
+BATCH_CHECK_SIZES = (1, 4)
 ALPS_PPL_RATIO = 0.87  # our ALPS perplexity at most this times llm-compressor SparseGPT's
 SPARSEGPT_PPL_TOLERANCE = 0.02  # our SparseGPT perplexity within 2% of theirs
 ALPS_WALL_RATIO = 1.5  # our ALPS wall time at most this times their SparseGPT's
@@ -139,9 +148,12 @@ def _find(runs: list[dict[str, Any]], tool: str, method: str, pattern: str) -> d
     return next((r for r in runs if (r["tool"], r["method"], r["pattern"]) == (tool, method, pattern)), None)
 
 
-def compute_targets(runs: list[dict[str, Any]], pattern: str = TARGET_PATTERN) -> list[dict[str, Any]]:
+def compute_targets(runs: list[dict[str, Any]], pattern: str = TARGET_PATTERN,
+                    batch_check: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """The comparison's targets at ``pattern``: one row each with the measured ratio, the allowed bound and
-    ``passed`` (None when a run it needs is missing)."""
+    ``passed`` (None when a run it needs is missing). With ``batch_check`` (from ``--batch-check``), the
+    SparseGPT correctness target is also checked for our run with one window per batch, as llm-compressor
+    accumulates H."""
     theirs = _find(runs, THEIRS, "sparsegpt", pattern)
     targets = []
 
@@ -160,6 +172,11 @@ def compute_targets(runs: list[dict[str, Any]], pattern: str = TARGET_PATTERN) -
         add(f"ALPS {label} ppl vs their SparseGPT", _find(runs, OURS, "alps", pattern), key, None, ALPS_PPL_RATIO)
         add(f"our SparseGPT {label} ppl vs theirs", _find(runs, OURS, "sparsegpt", pattern), key,
             1 - SPARSEGPT_PPL_TOLERANCE, 1 + SPARSEGPT_PPL_TOLERANCE)
+    matched = next((r for r in (batch_check or {}).get("runs", []) if r["batch_size"] == 1), None)
+    if matched is not None and batch_check["pattern"] == pattern:
+        for eval_set in EVAL_SETS:
+            add(f"our SparseGPT, one window per batch as theirs, {EVAL_NAMES[eval_set]} ppl vs theirs", matched,
+                f"{eval_set}_ppl", 1 - SPARSEGPT_PPL_TOLERANCE, 1 + SPARSEGPT_PPL_TOLERANCE)
     add("ALPS wall time vs their SparseGPT", _find(runs, OURS, "alps", pattern), "wall_seconds", None,
         ALPS_WALL_RATIO)
     add("alps-simple wall time vs their SparseGPT", _find(runs, OURS, "alps-simple", pattern), "wall_seconds", None,
@@ -233,6 +250,19 @@ def render_markdown(record: dict[str, Any]) -> str:
                   "| pattern | layers | mean | min | max |", "|---|---|---|---|---|"]
         lines += [f"| {pattern} | {row['layers']} | {row['mean_ratio']:.4f} | {row['min_ratio']:.4f} | "
                   f"{row['max_ratio']:.4f} |" for pattern, row in check["summary"].items()]
+    batches = record.get("sparsegpt_batch_check")
+    if batches:
+        theirs = _find(record.get("runs", []), THEIRS, "sparsegpt", batches["pattern"]) or {}
+        main = _find(record.get("runs", []), OURS, "sparsegpt", batches["pattern"])
+        rows = [*batches["runs"], *([{**main, "batch_size": f"{batches['default_batch_size']} (main run)"}]
+                                    if main else [])]
+        lines += ["", f"Our SparseGPT at {batches['pattern']} by calibration batch size (windows per block forward; "
+                  "H is summed per batch, llm-compressor feeds one window at a time):", "",
+                  "| batch size | WikiText-2 ppl | C4 ppl | / theirs WikiText-2 | / theirs C4 |", "|---|---|---|---|---|"]
+        for row in rows:
+            ratios = [row[f"{e}_ppl"] / theirs[f"{e}_ppl"] if theirs.get(f"{e}_ppl") else None for e in EVAL_SETS]
+            lines.append(f"| {row['batch_size']} | {_number(row['wikitext2_ppl'])} | {_number(row['c4_ppl'])} | "
+                         f"{_number(ratios[0], 3)} | {_number(ratios[1], 3)} |")
     issues = record.get("known_issues") or {}
     if issues:
         lines += ["", "Known llm-compressor issues (checked with --check-known-issues at 0.5):", ""]
@@ -385,7 +415,7 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
 
 
 def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
-               env: dict[str, str], work: Path) -> tuple[float, float | None, dict[str, Any]]:
+               env: dict[str, str], work: Path, batch_size: int | None = None) -> tuple[float, float | None, dict[str, Any]]:
     cache = work / f"cache-{output.name}"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: no calibration capture is reused
     command = [ALPS, "prune", "--model", str(dense), "--method", method, "--pattern", pattern,
@@ -394,6 +424,8 @@ def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argpa
                "--threads", str(args.threads), "--overwrite", "--no-eval"]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    if batch_size is not None:
+        command += ["--batch-size", str(batch_size)]
     try:
         seconds, peak, _, _ = run_measured(command, env, work)
     finally:
@@ -433,6 +465,29 @@ def check_known_issues(python: Path, dense: Path, tokens: Path, args: argparse.N
         issues[key] = issue
         print(f"known issue {key}: {issue['observed']}", flush=True)
     return issues
+
+
+def sparsegpt_batch_check(dense: Path, args: argparse.Namespace, env: dict[str, str], work: Path,
+                          tokens_sha256: str) -> dict[str, Any]:
+    """Our SparseGPT at the target pattern with other calibration batch sizes: how much the batching of H's
+    float sums alone moves the perplexity, and our result when H is accumulated window by window as
+    llm-compressor does."""
+    runs = []
+    for batch_size in BATCH_CHECK_SIZES:
+        name = f"ours-sparsegpt-{TARGET_PATTERN}-batch{batch_size}"
+        folder = work / name
+        seconds, _, report = prune_ours("sparsegpt", TARGET_PATTERN, dense, folder, args, env, work,
+                                        batch_size=batch_size)
+        used = (report.get("calibration") or {}).get("tokens_sha256")
+        if used != tokens_sha256:
+            raise RuntimeError(f"{name}: calibrated on windows with sha256 {used}, not {tokens_sha256}")
+        runs.append({"batch_size": batch_size, **evaluate(folder, name, args, env, work), "wall_seconds": seconds,
+                     "tool_seconds": report["seconds"]})
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"SparseGPT batch check: batch size {batch_size}: WikiText-2 {runs[-1]['wikitext2_ppl']:.3f}, "
+              f"C4 {runs[-1]['c4_ppl']:.3f}", flush=True)
+    return {"pattern": TARGET_PATTERN, "default_batch_size": PruneConfig.model_fields["batch_size"].default,
+            "runs": runs}
 
 
 def sparsegpt_layer_check(python: Path, dense: Path, args: argparse.Namespace, env: dict[str, str],
@@ -483,6 +538,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both tools")
     parser.add_argument("--layer-check", action="store_true",
                         help="also run both SparseGPTs on the same real layer problems (W, H)")
+    parser.add_argument("--batch-check", action="store_true",
+                        help=f"also run our SparseGPT at {TARGET_PATTERN} with calibration batch sizes "
+                             f"{', '.join(map(str, BATCH_CHECK_SIZES))} (1 feeds H window by window, as llm-compressor)")
     parser.add_argument("--llmc-venv", default=str(REPO / "bench" / ".venv-llmcompressor"),
                         help="llm-compressor's virtual environment (created and installed if it has no bin/python)")
     parser.add_argument("--work", default=None, help="folder for the models and caches (default: temporary, "
@@ -524,11 +582,12 @@ def main() -> None:
             raise SystemExit(f"--resume: {output} was made with other {changed}; use another --output")
         record.update(dense=previous.get("dense"), known_issues=previous.get("known_issues") or {},
                       sparsegpt_layer_check=previous.get("sparsegpt_layer_check"),
+                      sparsegpt_batch_check=previous.get("sparsegpt_batch_check"),
                       runs=[r for r in previous["runs"] if r["pattern"] in args.patterns])
     done = {(r["pattern"], r["tool"], r["method"]) for r in record["runs"]}
 
     def save() -> None:
-        record["targets"] = compute_targets(record["runs"])
+        record["targets"] = compute_targets(record["runs"], batch_check=record.get("sparsegpt_batch_check"))
         atomic_write_json(output, record)
 
     if record["dense"] is None:
@@ -548,6 +607,10 @@ def main() -> None:
         for pattern, row in record["sparsegpt_layer_check"]["summary"].items():
             print(f"SparseGPT layer check {pattern}: our error / theirs mean {row['mean_ratio']:.4f} "
                   f"(min {row['min_ratio']:.4f}, max {row['max_ratio']:.4f}) over {row['layers']} layers", flush=True)
+
+    if args.batch_check and not record.get("sparsegpt_batch_check"):
+        record["sparsegpt_batch_check"] = sparsegpt_batch_check(dense, args, env, work, settings["tokens_sha256"])
+        save()
 
     order = run_order(args.patterns)
     for number, (pattern, tool, method) in enumerate(order, start=1):

@@ -215,3 +215,24 @@ def test_layer_check_summary_and_markdown() -> None:
     lines = render_markdown(record).splitlines()
     assert "| 0.7 | 2 | 1.2500 | 1.0000 | 1.5000 |" in lines
     assert "| 2:4 | 2 | 0.9000 | 0.8000 | 1.0000 |" in lines
+
+
+def test_batch_check_adds_the_like_for_like_sparsegpt_targets_and_a_table() -> None:
+    runs = [_row(THEIRS, "sparsegpt", 20.0, 30.0, 100.0), _row(OURS, "sparsegpt", 18.0, 29.0, 90.0)]
+    batch_check = {"pattern": "0.7", "default_batch_size": 8, "runs": [
+        {"batch_size": 1, "wikitext2_ppl": 20.2, "c4_ppl": 31.0, "wall_seconds": 95.0, "tool_seconds": 50.0},
+        {"batch_size": 4, "wikitext2_ppl": 19.0, "c4_ppl": 29.5, "wall_seconds": 92.0, "tool_seconds": 48.0}]}
+    targets = {t["target"]: t for t in compute_targets(runs, batch_check=batch_check)}
+    assert targets["our SparseGPT WikiText-2 ppl vs theirs"]["passed"] is False  # 0.9: the main run, batches of 8
+    matched = "our SparseGPT, one window per batch as theirs, {} ppl vs theirs"
+    assert targets[matched.format("WikiText-2")]["passed"] is True  # 1.01
+    assert targets[matched.format("C4")]["passed"] is False  # 1.033
+    assert targets[matched.format("C4")]["ratio"] == pytest.approx(31 / 30)
+    assert len(compute_targets(runs, pattern="0.5", batch_check=batch_check)) == 6  # another pattern's check: no rows
+    record = {"settings": {"model": "m", "calibration": "c4", "nsamples": 1, "seqlen": 8, "seed": 0,
+                           "ppl_windows": 1, "ppl_seqlen": 2048, "threads": 1, "patterns": ["0.7"]},
+              "dense": {}, "runs": runs, "targets": [], "sparsegpt_batch_check": batch_check}
+    lines = render_markdown(record).splitlines()
+    assert "| 1 | 20.20 | 31.00 | 1.010 | 1.033 |" in lines
+    assert "| 4 | 19.00 | 29.50 | 0.950 | 0.983 |" in lines
+    assert "| 8 (main run) | 18.00 | 29.00 | 0.900 | 0.967 |" in lines
