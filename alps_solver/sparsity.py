@@ -247,11 +247,17 @@ def _largest_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     margin = _BRACKET_SIGMAS * (q * (1.0 - q) / _SAMPLE) ** 0.5 + 1.0 / _SAMPLE
     low = sample[max(int((q - margin) * (_SAMPLE - 1)), 0)]
     high = sample[min(int((q + margin) * (_SAMPLE - 1)) + 1, _SAMPLE - 1)]
-    need = k - int(torch.count_nonzero(scores > high))  # how many of the band (low, high] to keep
+    above = scores > high
+    need = k - int(torch.count_nonzero(above))  # how many of the band (low, high] to keep
+    if need == 0:
+        return above
     band = scores[(scores > low).logical_and_(scores <= high)]
     if not 0 < need <= band.numel():  # the sample missed the k-th score
         return _topk_mask(scores, k)
-    threshold = torch.kthvalue(band, band.numel() - need + 1).values
+    if band.is_cuda:  # CUDA's kthvalue selects with a single thread block per slice; its sort is parallel
+        threshold = band.sort().values[band.numel() - need]
+    else:
+        threshold = torch.kthvalue(band, band.numel() - need + 1).values
     if int(torch.count_nonzero(band >= threshold)) != need:  # ties at the k-th score: let top-k choose
         return _topk_mask(scores, k)
     return scores >= threshold
