@@ -22,9 +22,10 @@ the same calibration windows; theirs through llm-compressor's own ``sparsify_wei
 without the pipelines around it.
 
 ``--batch-check`` runs our SparseGPT again at the target pattern with other calibration batch sizes: H is
-summed per batch of windows, llm-compressor feeds one window at a time, and at high sparsity the rounding of
-those sums alone moves a small model's perplexity by several percent. Batch size 1 is the like-for-like
-correctness check of our SparseGPT against theirs.
+summed per batch of windows and the block forward passes run per batch, while llm-compressor feeds one
+window at a time. The batch size changes nothing but float rounding, yet at high sparsity that alone moves a
+small model's perplexity by several percent. Batch size 1 is the like-for-like correctness check of our
+SparseGPT against theirs.
 
 Results go to a JSON file after every run (``--resume`` continues one with the same settings), a markdown
 table and a plot beside it.
@@ -258,7 +259,8 @@ def render_markdown(record: dict[str, Any]) -> str:
                                     if main else [])]
         lines += ["", f"Our SparseGPT at {batches['pattern']} by calibration batch size (windows per block forward; "
                   "H is summed per batch, llm-compressor feeds one window at a time):", "",
-                  "| batch size | WikiText-2 ppl | C4 ppl | / theirs WikiText-2 | / theirs C4 |", "|---|---|---|---|---|"]
+                  "| batch size | WikiText-2 ppl | C4 ppl | / theirs WikiText-2 | / theirs C4 |",
+                  "|---|---|---|---|---|"]
         for row in rows:
             ratios = [row[f"{e}_ppl"] / theirs[f"{e}_ppl"] if theirs.get(f"{e}_ppl") else None for e in EVAL_SETS]
             lines.append(f"| {row['batch_size']} | {_number(row['wikitext2_ppl'])} | {_number(row['c4_ppl'])} | "
@@ -415,7 +417,8 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
 
 
 def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
-               env: dict[str, str], work: Path, batch_size: int | None = None) -> tuple[float, float | None, dict[str, Any]]:
+               env: dict[str, str], work: Path,
+               batch_size: int | None = None) -> tuple[float, float | None, dict[str, Any]]:
     cache = work / f"cache-{output.name}"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: no calibration capture is reused
     command = [ALPS, "prune", "--model", str(dense), "--method", method, "--pattern", pattern,
@@ -469,9 +472,9 @@ def check_known_issues(python: Path, dense: Path, tokens: Path, args: argparse.N
 
 def sparsegpt_batch_check(dense: Path, args: argparse.Namespace, env: dict[str, str], work: Path,
                           tokens_sha256: str) -> dict[str, Any]:
-    """Our SparseGPT at the target pattern with other calibration batch sizes: how much the batching of H's
-    float sums alone moves the perplexity, and our result when H is accumulated window by window as
-    llm-compressor does."""
+    """Our SparseGPT at the target pattern with other calibration batch sizes: how much batching alone (the
+    rounding of H's float sums and of the batched block forward passes) moves the perplexity, and our result
+    when the windows go through one at a time, as llm-compressor feeds them."""
     runs = []
     for batch_size in BATCH_CHECK_SIZES:
         name = f"ours-sparsegpt-{TARGET_PATTERN}-batch{batch_size}"
@@ -540,7 +543,8 @@ def main() -> None:
                         help="also run both SparseGPTs on the same real layer problems (W, H)")
     parser.add_argument("--batch-check", action="store_true",
                         help=f"also run our SparseGPT at {TARGET_PATTERN} with calibration batch sizes "
-                             f"{', '.join(map(str, BATCH_CHECK_SIZES))} (1 feeds H window by window, as llm-compressor)")
+                             f"{', '.join(map(str, BATCH_CHECK_SIZES))} "
+                             "(1 feeds H window by window, as llm-compressor)")
     parser.add_argument("--llmc-venv", default=str(REPO / "bench" / ".venv-llmcompressor"),
                         help="llm-compressor's virtual environment (created and installed if it has no bin/python)")
     parser.add_argument("--work", default=None, help="folder for the models and caches (default: temporary, "
