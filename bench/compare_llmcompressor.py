@@ -52,11 +52,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-ALPS = str(Path(sys.executable).with_name("alps"))
 WORKER = REPO / "bench" / "llmcompressor_worker.py"
 LAYER_WORKER = REPO / "bench" / "llmcompressor_layers.py"
 
-from bench.processes import add_calibration_options, run_measured  # noqa: E402
+from bench.processes import ALPS, PPL_SEQLEN, add_calibration_options, measure_perplexity, run_measured  # noqa: E402
 from tasks.prune_config import PruneConfig  # noqa: E402
 from tasks.storage import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -66,7 +65,6 @@ PAIRS = ((THEIRS, "sparsegpt"), (OURS, "sparsegpt"), (OURS, "alps"),
          (THEIRS, "wanda"), (OURS, "wanda"), (OURS, "alps-simple"))
 EVAL_SETS = ("wikitext2", "c4")
 EVAL_NAMES = {"wikitext2": "WikiText-2", "c4": "C4"}
-PPL_SEQLEN = 2048
 LLMC_PINS = ("torch==2.13.0", "llmcompressor==0.14.0.1")
 # Decoder-layer linear weights (LLaMA names): the tensors pruning may change; all others must stay bit-identical.
 DECODER_LINEAR = re.compile(r"\.layers\.\d+\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.weight$")
@@ -398,13 +396,7 @@ def save_calibration(dense: Path, args: argparse.Namespace, path: Path) -> str:
 
 def evaluate(folder: Path, name: str, args: argparse.Namespace, env: dict[str, str], work: Path) -> dict[str, float]:
     """WikiText-2 and C4 perplexity of a model folder, the same command for every model."""
-    output = work / f"ppl-{name}.json"
-    command = [ALPS, "ppl", "--model", str(folder), "--datasets", ",".join(EVAL_SETS), "--seqlen", str(PPL_SEQLEN),
-               "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output", str(output)]
-    if args.data_dir:
-        command += ["--data-dir", args.data_dir]
-    run_measured(command, env, work)
-    results = {r["dataset"]: r["perplexity"] for r in json.loads(output.read_text())["results"]}
+    results = measure_perplexity(folder, list(EVAL_SETS), work / f"ppl-{name}.json", args, env, work)
     return {f"{eval_set}_ppl": results[eval_set] for eval_set in EVAL_SETS}
 
 
@@ -417,8 +409,10 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
 
 
 def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
-               env: dict[str, str], work: Path,
+               env: dict[str, str], work: Path, tokens_sha256: str,
                batch_size: int | None = None) -> tuple[float, float | None, dict[str, Any]]:
+    """One ``alps prune`` run on an empty cache; stops unless its report names the windows ``tokens_sha256``
+    (the ones given to llm-compressor)."""
     cache = work / f"cache-{output.name}"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: no calibration capture is reused
     command = [ALPS, "prune", "--model", str(dense), "--method", method, "--pattern", pattern,
@@ -434,6 +428,10 @@ def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argpa
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     report = json.loads((output / "prune_report.json").read_text())
+    used = (report.get("calibration") or {}).get("tokens_sha256")
+    if used != tokens_sha256:
+        raise RuntimeError(f"{output.name}: our run calibrated on windows with sha256 {used}, not "
+                           f"{tokens_sha256} (the windows given to llm-compressor)")
     return seconds, peak, report
 
 
@@ -479,11 +477,8 @@ def sparsegpt_batch_check(dense: Path, args: argparse.Namespace, env: dict[str, 
     for batch_size in BATCH_CHECK_SIZES:
         name = f"ours-sparsegpt-{TARGET_PATTERN}-batch{batch_size}"
         folder = work / name
-        seconds, _, report = prune_ours("sparsegpt", TARGET_PATTERN, dense, folder, args, env, work,
+        seconds, _, report = prune_ours("sparsegpt", TARGET_PATTERN, dense, folder, args, env, work, tokens_sha256,
                                         batch_size=batch_size)
-        used = (report.get("calibration") or {}).get("tokens_sha256")
-        if used != tokens_sha256:
-            raise RuntimeError(f"{name}: calibrated on windows with sha256 {used}, not {tokens_sha256}")
         runs.append({"batch_size": batch_size, **evaluate(folder, name, args, env, work), "wall_seconds": seconds,
                      "tool_seconds": report["seconds"]})
         shutil.rmtree(folder, ignore_errors=True)
@@ -632,11 +627,8 @@ def main() -> None:
                        "modifier_arguments": result["modifier_arguments"],
                        "stripped_config_keys": result["stripped_config_keys"]}
         else:
-            seconds, peak, report = prune_ours(method, pattern, dense, folder, args, env, work)
-            used = (report.get("calibration") or {}).get("tokens_sha256")
-            if used != settings["tokens_sha256"]:
-                raise RuntimeError(f"{name}: our run calibrated on windows with sha256 {used}, not "
-                                   f"{settings['tokens_sha256']} (the windows given to llm-compressor)")
+            seconds, peak, report = prune_ours(method, pattern, dense, folder, args, env, work,
+                                               settings["tokens_sha256"])
             details = {"tool_seconds": report["seconds"], "mean_layer_error": report["mean_rel_error"]}
         measured = measure_sparsity(folder, dense)
         if not measured["untouched_other_tensors"]:

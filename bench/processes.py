@@ -4,11 +4,15 @@ as its own process with its wall time and peak memory."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+ALPS = str(Path(sys.executable).with_name("alps"))  # our CLI, from the running environment
+PPL_SEQLEN = 2048  # the papers' perplexity window
 
 # Runs the command, then prints the peak RSS of its (only) child: in a fresh process RUSAGE_CHILDREN is exactly
 # that child's peak.
@@ -39,3 +43,15 @@ def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=os.environ.get("ALPS_DATA_DIR"))
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
+
+
+def measure_perplexity(model: str | Path, datasets: list[str], output: Path, args: argparse.Namespace,
+                       env: dict[str, str], cwd: Path | None = None) -> dict[str, float]:
+    """``alps ppl`` on the first ``args.ppl_windows`` windows of PPL_SEQLEN tokens of each data set, the same
+    command for every model a benchmark compares; returns {data set: perplexity}, the JSON kept at ``output``."""
+    command = [ALPS, "ppl", "--model", str(model), "--datasets", ",".join(datasets), "--seqlen", str(PPL_SEQLEN),
+               "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output", str(output)]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    run_measured(command, env, cwd)
+    return {r["dataset"]: r["perplexity"] for r in json.loads(output.read_text())["results"]}

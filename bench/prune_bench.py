@@ -20,9 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-ALPS = str(Path(sys.executable).with_name("alps"))
-
-from bench.processes import add_calibration_options, run_measured  # noqa: E402
+from bench.processes import ALPS, add_calibration_options, measure_perplexity, run_measured  # noqa: E402
 from tasks.storage import atomic_write_json  # noqa: E402
 
 # Settings that decide the numbers: a resumed file must have been made with the same ones.
@@ -56,14 +54,9 @@ def main() -> None:
         record["dense_wikitext2_ppl"] = previous["dense_wikitext2_ppl"]
     done = {(row["method"], row["pattern"]) for row in record["runs"]}
 
-    dense_ppl = [ALPS, "ppl", "--model", args.model, "--datasets", "wikitext2", "--seqlen", "2048",
-                 "--max-windows", str(args.ppl_windows), "--threads", str(args.threads), "--output",
-                 str(work / "ppl-dense.json")]
-    if args.data_dir:
-        dense_ppl += ["--data-dir", args.data_dir]
     if "dense_wikitext2_ppl" not in record:
-        run_measured(dense_ppl, env)
-        record["dense_wikitext2_ppl"] = json.loads((work / "ppl-dense.json").read_text())["results"][0]["perplexity"]
+        record["dense_wikitext2_ppl"] = measure_perplexity(args.model, ["wikitext2"], work / "ppl-dense.json", args,
+                                                           env)["wikitext2"]
     dense = record["dense_wikitext2_ppl"]
     print(f"dense WikiText-2 perplexity {dense:.3f}", flush=True)
 
@@ -79,13 +72,7 @@ def main() -> None:
                 "--overwrite", "--no-eval",  # perplexity is measured below, the same way for every run
             ] + (["--data-dir", args.data_dir] if args.data_dir else [])
             seconds, peak_mb, _, _ = run_measured(command, env)
-            ppl_command = [ALPS, "ppl", "--model", str(work / name), "--datasets", "wikitext2", "--seqlen", "2048",
-                           "--max-windows", str(args.ppl_windows), "--threads", str(args.threads),
-                           "--output", str(work / f"ppl-{name}.json")]
-            if args.data_dir:
-                ppl_command += ["--data-dir", args.data_dir]
-            run_measured(ppl_command, env)
-            ppl = json.loads((work / f"ppl-{name}.json").read_text())["results"][0]["perplexity"]
+            ppl = measure_perplexity(work / name, ["wikitext2"], work / f"ppl-{name}.json", args, env)["wikitext2"]
             report = json.loads((work / name / "prune_report.json").read_text())
             row = {"method": method, "pattern": pattern, "wall_seconds": seconds, "peak_rss_mb": peak_mb,
                    "wikitext2_ppl": ppl, "mean_layer_error": report["mean_rel_error"],
