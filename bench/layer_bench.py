@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from alps_solver import Result, solve  # noqa: E402
 from alps_solver.admm import AdmmOutcome  # noqa: E402
+from alps_solver.problem import gram_matrix_flops  # noqa: E402
 from tasks.adapters import build_block  # noqa: E402
 from tasks.adapters import linear_names  # noqa: E402
 from tasks.blocks import collect_layer_problems  # noqa: E402
@@ -74,13 +75,14 @@ def admm_flops(result: Result | AdmmOutcome, d_out: int, d_in: int) -> float:
 
     Every iteration's weight step is a (d_out, d_in) x (d_in, d_in) product, and so is every check's error
     of the sparse iterate and the weight step's constant term W0 H, formed once; each penalty in force for
-    at least one iteration costs one (d_in, d_in) x (d_in, d_in) product to form (H + rho I)^-1 from the
-    eigenbasis. A change of rho at the last iteration is never used. The one-time eigendecomposition is
-    not part of the iterations (its time is ``timings["eigh"]``, outside ``timings["admm"]``).
+    at least one iteration costs one symmetric (d_in, d_in) product (``gram_matrix``) to form
+    (H + rho I)^-1 from the eigenbasis. A change of rho at the last iteration is never used. The one-time
+    eigendecomposition is not part of the iterations (its time is ``timings["eigh"]``, outside
+    ``timings["admm"]``).
     """
     builds = 1 + sum(1 for u in result.rho_updates if u.iteration < result.iterations and u.new != u.old)
     products = result.iterations + len(result.history) + 1
-    return 2.0 * d_in * d_in * (products * d_out + builds * d_in)
+    return 2.0 * d_in * d_in * products * d_out + builds * gram_matrix_flops(d_in, d_in)
 
 
 def matmul_rate(d_out: int, d_in: int, repeats: int = 20) -> float:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from alps_solver import LayerProblem, SparsityPattern, solve
+from alps_solver.problem import gram_matrix
 
 from .calibration import BlockInputs
 
@@ -52,15 +53,30 @@ Solved = tuple[LayerReport, torch.Tensor]  # a layer's report and its pruned wei
 SolveLayers = Callable[[dict[str, LayerProblem], dict[str, str]], dict[str, Solved]]
 
 
-class _GramCollector:
-    """Accumulates H, the input sum and the sum of squares for the groups it is asked to watch."""
+class _InputsCollected(Exception):
+    """Raised by a hook once every watched group has its batch: the rest of the block's forward is skipped."""
 
-    def __init__(self, block: nn.Module, gram_dtype: torch.dtype) -> None:
+
+class _GramCollector:
+    """Accumulates H and the input sum for the groups it is asked to watch.
+
+    Without ``groups`` it learns them: a layer whose input is the very tensor the previous layer read joins
+    that layer's group. With ``groups`` (from a discovery pass) only each group's first member accumulates,
+    and the forward stops right after the last watched group's input (the layers after it are not needed).
+    """
+
+    def __init__(self, block: nn.Module, gram_dtype: torch.dtype, groups: Sequence[Sequence[str]] | None = None,
+                 watch: Sequence[str] = ()) -> None:
         self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         self.gram_dtype = gram_dtype
         self.order: list[str] = []  # linear names in execution order
         self.group_of: dict[str, str] = {}  # linear name -> its group's first member
-        self.watch: set[str] = set()  # groups to accumulate
+        for group in groups or ():
+            self.order += group
+            self.group_of.update({name: group[0] for name in group})
+        self.watch = {self.group_of[name] for name in watch}  # groups to accumulate
+        leaders = [group[0] for group in groups or () if group[0] in self.watch]
+        self.stop_after = leaders[-1] if leaders else None
         self.stats: dict[str, dict[str, Any]] = {}
         self._last_input: torch.Tensor | None = None
         self._last_group = ""
@@ -69,28 +85,26 @@ class _GramCollector:
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            shared = x is self._last_input
-            if name not in self.group_of:
+            if name not in self.group_of:  # discovery
+                shared = x is self._last_input
                 self.order.append(name)
                 self.group_of[name] = self._last_group if shared else name
-            group = self.group_of[name]
-            self._last_input, self._last_group = x, group
-            if shared or group not in self.watch:
+                self._last_input, self._last_group = x, self.group_of[name]
+                return
+            if name not in self.watch:  # another group, or a member that shares its leader's input
                 return
             X = x.detach().reshape(-1, x.shape[-1])
-            Xg = X.to(self.gram_dtype)
-            s = self.stats.setdefault(group, {
+            s = self.stats.setdefault(name, {
                 "gram": torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device),
                 "sum": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
-                "sumsq": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
                 "n": 0,
             })
             # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
-            s["gram"] += (Xg.T @ Xg).to(torch.float64)
-            X64 = X.to(torch.float64)
-            s["sum"] += X64.sum(dim=0)
-            s["sumsq"] += X64.square().sum(dim=0)
+            s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
+            s["sum"] += X.sum(dim=0).to(torch.float64)
             s["n"] += X.shape[0]
+            if name == self.stop_after:
+                raise _InputsCollected
 
         return hook
 
@@ -111,7 +125,8 @@ class _GramCollector:
     def problem(self, name: str) -> LayerProblem:
         s = self.stats[self.group_of[name]]
         mean = s["sum"] / s["n"]
-        var = (s["sumsq"] / s["n"] - mean.square()).clamp_min(0.0)
+        # The sum of squares of every input is the diagonal of H: no separate pass over X.
+        var = (s["gram"].diagonal() / s["n"] - mean.square()).clamp_min(0.0)
         weight = self.linears[name].weight.detach()
         return LayerProblem(
             weight=weight.to(torch.float32),
@@ -125,7 +140,10 @@ class _GramCollector:
 @torch.inference_mode()
 def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: _GramCollector) -> None:
     for start in range(0, inputs.hidden.shape[0], batch_size):
-        block(inputs.hidden[start : start + batch_size], **inputs.kwargs)
+        try:
+            block(inputs.hidden[start : start + batch_size], **inputs.kwargs)
+        except _InputsCollected:
+            pass
         collector.end_batch()
 
 
@@ -195,8 +213,7 @@ def collect_layer_problems(
     unknown = sorted(set(names) - set(leader))
     if unknown:
         raise KeyError(f"no linear layers named {unknown} run in this block; it has {sorted(leader)}")
-    collector = _GramCollector(block, gram_dtype)
-    collector.watch = {leader[name] for name in names}
+    collector = _GramCollector(block, gram_dtype, groups, watch=names)
     try:
         _forward(block, inputs, batch_size, collector)
     finally:

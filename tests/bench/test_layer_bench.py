@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 
 from alps_solver import LayerProblem, SparsityPattern
 from alps_solver.admm import RhoSchedule, run_admm
-from alps_solver.problem import ScaledProblem
+from alps_solver.problem import ScaledProblem, gram_matrix_flops
 from bench.layer_bench import admm_flops
 
 _PRODUCTS = {torch.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.matmul, torch.Tensor.mm}
@@ -48,3 +48,18 @@ def test_admm_flops_equals_the_products_the_iterations_run(pattern, max_iter, sc
     if schedule.rho_max < 1:
         assert any(u.new == u.old for u in outcome.rho_updates)  # a capped update that changed nothing
     assert admm_flops(outcome, 24, 32) == counter.flops
+
+
+def test_admm_flops_counts_the_panels_of_a_wide_inverse() -> None:
+    """At d_in = 800 (H + rho I)^-1 is formed from two panels, about 3/4 of a full product."""
+    generator = torch.Generator().manual_seed(1)
+    d_in = 800
+    X = torch.randn(1000, d_in, generator=generator, dtype=torch.float64)
+    problem = LayerProblem(weight=torch.randn(8, d_in, generator=generator, dtype=torch.float64), gram=X.T @ X)
+    scaled = ScaledProblem.build(problem, 0.01, torch.float64)
+    counter = _CountProducts()
+    with counter:
+        outcome = run_admm(scaled, SparsityPattern.parse("0.7"), RhoSchedule(), max_iter=7)
+    assert len(outcome.rho_updates) >= 1
+    assert admm_flops(outcome, 8, d_in) == counter.flops
+    assert gram_matrix_flops(d_in, d_in) == pytest.approx(0.75 * 2 * d_in**3, rel=0.01)

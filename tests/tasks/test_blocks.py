@@ -1,0 +1,86 @@
+"""The Gram collector of tasks/blocks.py against H, mean and variance computed directly from each layer's
+recorded inputs, on tiny random LLaMA and OPT blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from tasks.adapters import build_block
+from tasks.blocks import collect_layer_problems, discover_groups
+from tasks.calibration import capture_block_inputs
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def block_and_inputs(request, tmp_path_factory):
+    torch.manual_seed(0)
+    if request.param == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=64))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+                                         num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64))
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    tokens = torch.randint(0, 100, (5, 16), generator=torch.Generator().manual_seed(1))
+    inputs = capture_block_inputs(folder, tokens, device=torch.device("cpu"), batch_size=2)
+    return build_block(folder, 1, torch.float32, torch.device("cpu")), inputs
+
+
+def recorded_inputs(block: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    """Every linear layer's inputs (tokens, d_in) from a plain forward over all samples, in float64."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [module.register_forward_pre_hook(
+        lambda module, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+        for name, module in block.named_modules() if isinstance(module, nn.Linear)]
+    try:
+        with torch.inference_mode():
+            for start in range(inputs.hidden.shape[0]):  # one sample at a time: other batching than the collector
+                block(inputs.hidden[start : start + 1], **inputs.kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(parts).to(torch.float64) for name, parts in seen.items()}
+
+
+def test_groups_are_layers_reading_the_same_input(block_and_inputs):
+    block, inputs = block_and_inputs
+    groups = discover_groups(block, inputs)
+    if hasattr(block, "mlp"):
+        assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                          ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    else:
+        assert groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"],
+                          ["fc1"], ["fc2"]]
+
+
+@pytest.mark.parametrize("which", ["all", "first group", "middle group"])
+def test_problems_match_the_recorded_inputs(block_and_inputs, which):
+    block, inputs = block_and_inputs
+    groups = discover_groups(block, inputs)
+    names = {"all": [n for g in groups for n in g], "first group": groups[0], "middle group": groups[2]}[which]
+    reference = recorded_inputs(block, inputs)
+    ran: list[str] = []
+    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+    handles = [dict(block.named_modules())[n].register_forward_hook(lambda *_, n=n: ran.append(n)) for n in linears]
+    try:
+        problems = collect_layer_problems(block, inputs, names, batch_size=2, gram_dtype=torch.float64,
+                                          groups=groups)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert list(problems) == names
+    for name, problem in problems.items():
+        X = reference[name]
+        assert torch.allclose(problem.gram, X.T @ X, rtol=1e-9, atol=1e-9), name
+        assert torch.allclose(problem.input_mean, X.mean(dim=0), rtol=1e-5, atol=1e-6), name  # summed in float32 per batch
+        assert torch.allclose(problem.input_var, X.var(dim=0, unbiased=False), rtol=1e-5, atol=1e-6), name
+        assert problem.n_tokens == X.shape[0]
+        assert torch.equal(problem.weight, dict(block.named_modules())[name].weight)
+    # Each batch's forward stops at the last watched group's input: only the layers before it run.
+    order = [n for g in groups for n in g]
+    last_watched = [g[0] for g in groups if g[0] in names][-1]
+    assert ran == order[: order.index(last_watched)] * 3  # 5 samples in batches of 2
