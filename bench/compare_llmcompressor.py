@@ -272,6 +272,10 @@ def render_markdown(record: dict[str, Any]) -> str:
     lines += ["", "Wall time and peak RSS are those of the whole process (a user's run: start-up, loading, "
               "calibration, pruning, saving; ours also starts a local Prefect server and logs to MLflow). "
               "Tool time: their oneshot call; our block solves (prune_report.json `seconds`)."]
+    workers = sorted({row.get("solve_workers", 1) for row in record.get("runs", []) if row["tool"] == OURS})
+    if workers != [1] and workers:
+        lines += ["", f"Our runs solved a block's layers {' or '.join(map(str, workers))} at a time "
+                  "(`alps prune --solve-workers`, the threads shared among them)."]
     return "\n".join(lines) + "\n"
 
 
@@ -423,6 +427,8 @@ def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argpa
         command += ["--data-dir", args.data_dir]
     if batch_size is not None:
         command += ["--batch-size", str(batch_size)]
+    if args.solve_workers > 1:
+        command += ["--solve-workers", str(args.solve_workers)]
     try:
         seconds, peak, _, _ = run_measured(command, env, work)
     finally:
@@ -534,6 +540,9 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="*", default=["0.5", "0.7", "0.8", "2:4"])
     parser.add_argument("--ppl-windows", type=int, default=4, help="windows of 2048 tokens per evaluation set")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of both tools")
+    parser.add_argument("--solve-workers", type=int, default=1,
+                        help="our runs solve this many of a block's layers at a time (alps prune --solve-workers; "
+                             "the --threads are shared among them)")
     parser.add_argument("--layer-check", action="store_true",
                         help="also run both SparseGPTs on the same real layer problems (W, H)")
     parser.add_argument("--batch-check", action="store_true",
@@ -629,7 +638,8 @@ def main() -> None:
         else:
             seconds, peak, report = prune_ours(method, pattern, dense, folder, args, env, work,
                                                settings["tokens_sha256"])
-            details = {"tool_seconds": report["seconds"], "mean_layer_error": report["mean_rel_error"]}
+            details = {"tool_seconds": report["seconds"], "mean_layer_error": report["mean_rel_error"],
+                       "solve_workers": args.solve_workers}
         measured = measure_sparsity(folder, dense)
         if not measured["untouched_other_tensors"]:
             print(f"WARNING {name}: tensors other than the decoder linears differ from the dense model: "

@@ -94,10 +94,13 @@ def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, meth
 
     def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
         work.mkdir(parents=True, exist_ok=True)
+        # Largest problems first (a solve costs about d_out d_in^2): with fewer workers than layers, the
+        # longest solve then starts at once instead of running alone at the end.
+        largest_first = sorted(problems.items(), key=lambda item: -item[1].d_out * item[1].d_in ** 2)
         try:
             futures = {}
             with runner_factory() as runner:
-                for position, (name, problem) in enumerate(problems.items()):
+                for position, (name, problem) in enumerate(largest_first):
                     problem_path = work / f"{name}.problem.safetensors"
                     _save_problem(problem, problem_path)
                     futures[name] = runner.submit(solve_layer, parameters={
@@ -106,7 +109,7 @@ def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, meth
                         "method": method, "method_config": method_config,
                         "device": str(devices[position % len(devices)]), "threads": threads,
                     })
-                reports = {name: future.result() for name, future in futures.items()}
+                reports = {name: futures[name].result() for name in problems}
             solved = {}
             for name, report in reports.items():
                 with safe_open(str(work / f"{name}.solution.safetensors"), framework="pt") as handle:

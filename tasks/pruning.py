@@ -58,6 +58,7 @@ __all__ = [
     "cached_in",
     "capture_calibration",
     "solve_block",
+    "threads_per_worker",
     "prune_blocks",
     "prune_report",
     "save_pruned_model",
@@ -277,7 +278,7 @@ def solve_block(
         solve_layers = solve_with_runner(
             lambda: make_task_runner(parallel["runner"], parallel["workers"], parallel.get("address")),
             Path(store) / "layers" / key, pattern, solver["method"], solver["config"], worker_devices(target),
-            threads,
+            threads_per_worker(threads, parallel),
         )
     reports = prune_block(
         block, block_inputs, pattern, solver["method"], solver["config"],
@@ -306,6 +307,15 @@ def solve_block(
         "seconds": seconds,
         "memory": memory,
     }
+
+
+def threads_per_worker(threads: int | None, parallel: dict[str, Any]) -> int | None:
+    """CPU threads for each layer solve. Workers that share this process (a thread pool, or Dask's local
+    cluster of threads) share its threads: N workers get 1/N each, so concurrent solves do not
+    oversubscribe the cores. Workers elsewhere (Ray, a cluster at an address) keep ``threads``."""
+    if parallel["runner"] == "ray" or parallel.get("address"):
+        return threads
+    return max(1, (threads or torch.get_num_threads()) // parallel["workers"])
 
 
 def _call_block(index: int, key: str, model: dict[str, Any], inputs: dict[str, Any], config: PruneConfig,

@@ -197,6 +197,12 @@ def test_markdown_table_rows_targets_and_known_issues() -> None:
     assert "| ALPS wall time vs their SparseGPT | - | <= 1.5x | n/a |" in lines
     assert ("- owl_profile: expected: per-layer sparsities; observed: crashed: KeyError: 'x'; "
             "cause: an event before initializing") in lines
+    assert not any("at a time" in line for line in lines)  # our runs solved one layer at a time
+    for row in runs:
+        if row["tool"] == OURS:
+            row["solve_workers"] = 2
+    assert ("Our runs solved a block's layers 2 at a time (`alps prune --solve-workers`, the threads shared "
+            "among them).") in render_markdown(record).splitlines()
 
 
 def test_layer_check_summary_and_markdown() -> None:

@@ -22,6 +22,7 @@ from flows.prune import prune_model
 from tasks.data import calibration_windows, tokens_sha256
 from tasks.errors import AlpsError, DataError, ModelReferenceError
 from tasks.prune_config import PruneConfig
+from tasks.pruning import threads_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 49152  # the bundled SmolLM2 tokenizer's, used for calibration text
@@ -259,6 +260,23 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     report = json.loads((Path(parallel["output"]) / "prune_report.json").read_text())
     assert len([layer for block in report["blocks"] for layer in block["layers"]]) == 14
     assert not any((tmp_path / "parallel" / "cache" / "layers").glob("*/*.safetensors"))  # work files removed
+
+
+@pytest.mark.parametrize(("threads", "parallel", "expected"), [
+    (2, {"runner": "threads", "workers": 2}, 1),
+    (8, {"runner": "threads", "workers": 3}, 2),
+    (1, {"runner": "threads", "workers": 4}, 1),
+    (6, {"runner": "dask", "workers": 2, "address": None}, 3),  # Dask's local cluster: threads of this process
+    (6, {"runner": "dask", "workers": 2, "address": "tcp://scheduler:8786"}, 6),
+    (6, {"runner": "ray", "workers": 2}, 6),
+    (None, {"runner": "ray", "workers": 2}, None),
+])
+def test_workers_in_this_process_share_its_threads(threads, parallel, expected):
+    assert threads_per_worker(threads, parallel) == expected
+
+
+def test_workers_share_torch_default_threads_when_none_are_set():
+    assert threads_per_worker(None, {"runner": "threads", "workers": 2}) == max(1, torch.get_num_threads() // 2)
 
 
 def test_one_mlflow_run_holds_pruning_and_evaluation(prefect_harness, tokenizer, tmp_path, monkeypatch):
