@@ -69,9 +69,9 @@ def masked_pcg(
         beta = torch.where(active, rz_next / rz.clamp_min(torch.finfo(A.dtype).tiny), 0.0)
         P = Z + beta[:, None] * P
         rz = rz_next
-    # The recurrence keeps R equal to the masked residual rhs - X A (rounding aside), so no product is spent
-    # recomputing it.
-    residual = R.norm(dim=1) / rhs_norm
+    # The true residual, not the recurrence's R: with an rtol near the compute dtype's precision R keeps
+    # shrinking after the true residual has stopped, and the record would claim convergence it lacks.
+    residual = ((rhs - X @ A) * M).norm(dim=1) / rhs_norm
     return PcgOutcome(
         solution=X,
         iterations=iterations,

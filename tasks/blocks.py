@@ -22,6 +22,7 @@ from alps_solver import LayerProblem, SparsityPattern, solve
 from alps_solver.problem import gram_matrix
 
 from .calibration import BlockInputs
+from .errors import AlpsError
 
 __all__ = [
     "LayerReport", "Solved", "SolveLayers", "collect_layer_problems", "discover_groups", "prune_block",
@@ -74,6 +75,7 @@ class _GramCollector:
         for group in groups or ():
             self.order += group
             self.group_of.update({name: group[0] for name in group})
+        self.discovering = groups is None
         self.watch = {self.group_of[name] for name in watch}  # groups to accumulate
         leaders = [group[0] for group in groups or () if group[0] in self.watch]
         self.stop_after = leaders[-1] if leaders else None
@@ -85,7 +87,12 @@ class _GramCollector:
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
-            if name not in self.group_of:  # discovery
+            if self.discovering:
+                if name in self.group_of:
+                    # Its H would mix the inputs of several calls, and the forward's early stop assumes one.
+                    raise AlpsError("model", name, "this linear layer runs more than once in one forward of "
+                                    "its block, which layer-wise pruning does not support",
+                                    "prune a model whose decoder blocks call each linear layer once")
                 shared = x is self._last_input
                 self.order.append(name)
                 self.group_of[name] = self._last_group if shared else name
@@ -96,13 +103,13 @@ class _GramCollector:
             X = x.detach().reshape(-1, x.shape[-1])
             s = self.stats.setdefault(name, {
                 "gram": torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device),
-                "sum": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
+                "mean": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
+                "m2": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),  # sum of squared deviations
                 "n": 0,
             })
             # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
             s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
-            s["sum"] += X.sum(dim=0).to(torch.float64)
-            s["n"] += X.shape[0]
+            _add_batch_moments(s, X)
             if name == self.stop_after:
                 raise _InputsCollected
 
@@ -124,9 +131,7 @@ class _GramCollector:
 
     def problem(self, name: str) -> LayerProblem:
         s = self.stats[self.group_of[name]]
-        mean = s["sum"] / s["n"]
-        # The sum of squares of every input is the diagonal of H: no separate pass over X.
-        var = (s["gram"].diagonal() / s["n"] - mean.square()).clamp_min(0.0)
+        mean, var = s["mean"], s["m2"] / s["n"]
         weight = self.linears[name].weight.detach()
         return LayerProblem(
             weight=weight.to(torch.float32),
@@ -135,6 +140,21 @@ class _GramCollector:
             input_var=var.to(weight.device),
             n_tokens=s["n"],
         )
+
+
+def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
+    """Fold a batch X (n, d) into the running mean and sum of squared deviations (Chan et al.'s pairwise
+    update). The batch's own moments are taken about its mean, in float32, and only then combined in
+    float64: E[x^2] - mean^2 from float32 sums loses channels whose mean dwarfs their spread."""
+    X = X if X.dtype in (torch.float32, torch.float64) else X.to(torch.float32)
+    n_a, n_b = stats["n"], X.shape[0]
+    batch_mean = X.mean(dim=0)
+    batch_m2 = (X - batch_mean).square_().sum(dim=0).to(torch.float64)
+    delta = batch_mean.to(torch.float64) - stats["mean"]
+    n = n_a + n_b
+    stats["mean"] += delta * (n_b / n)
+    stats["m2"] += batch_m2 + delta.square() * (n_a * n_b / n)
+    stats["n"] = n
 
 
 @torch.inference_mode()

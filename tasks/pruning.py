@@ -310,10 +310,10 @@ def solve_block(
 
 
 def threads_per_worker(threads: int | None, parallel: dict[str, Any]) -> int | None:
-    """CPU threads for each layer solve. Workers that share this process (a thread pool, or Dask's local
-    cluster of threads) share its threads: N workers get 1/N each, so concurrent solves do not
-    oversubscribe the cores. Workers elsewhere (Ray, a cluster at an address) keep ``threads``."""
-    if parallel["runner"] == "ray" or parallel.get("address"):
+    """CPU threads for each layer solve. Workers on this machine (a thread pool, Dask's local cluster of
+    threads, a local Ray) share its threads: N workers get 1/N each, so concurrent solves do not
+    oversubscribe the cores. Workers of a cluster at an address keep ``threads``."""
+    if parallel.get("address"):
         return threads
     return max(1, (threads or torch.get_num_threads()) // parallel["workers"])
 

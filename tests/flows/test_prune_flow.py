@@ -268,8 +268,9 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     (1, {"runner": "threads", "workers": 4}, 1),
     (6, {"runner": "dask", "workers": 2, "address": None}, 3),  # Dask's local cluster: threads of this process
     (6, {"runner": "dask", "workers": 2, "address": "tcp://scheduler:8786"}, 6),
-    (6, {"runner": "ray", "workers": 2}, 6),
-    (None, {"runner": "ray", "workers": 2}, None),
+    (6, {"runner": "ray", "workers": 2}, 3),  # a local Ray runs on this machine too
+    (6, {"runner": "ray", "workers": 2, "address": "ray://head:10001"}, 6),
+    (None, {"runner": "ray", "workers": 2, "address": "ray://head:10001"}, None),
 ])
 def test_workers_in_this_process_share_its_threads(threads, parallel, expected):
     assert threads_per_worker(threads, parallel) == expected

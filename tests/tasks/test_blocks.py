@@ -10,7 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 
 from tasks.adapters import build_block
 from tasks.blocks import collect_layer_problems, discover_groups
-from tasks.calibration import capture_block_inputs
+from tasks.calibration import BlockInputs, capture_block_inputs
+from tasks.errors import AlpsError
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
@@ -57,11 +58,12 @@ def test_groups_are_layers_reading_the_same_input(block_and_inputs):
                           ["fc1"], ["fc2"]]
 
 
-@pytest.mark.parametrize("which", ["all", "first group", "middle group"])
+@pytest.mark.parametrize("which", ["all", "first group", "middle group", "a member without its leader"])
 def test_problems_match_the_recorded_inputs(block_and_inputs, which):
     block, inputs = block_and_inputs
     groups = discover_groups(block, inputs)
-    names = {"all": [n for g in groups for n in g], "first group": groups[0], "middle group": groups[2]}[which]
+    names = {"all": [n for g in groups for n in g], "first group": groups[0], "middle group": groups[2],
+             "a member without its leader": [groups[0][1]]}[which]
     reference = recorded_inputs(block, inputs)
     ran: list[str] = []
     linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
@@ -76,11 +78,44 @@ def test_problems_match_the_recorded_inputs(block_and_inputs, which):
     for name, problem in problems.items():
         X = reference[name]
         assert torch.allclose(problem.gram, X.T @ X, rtol=1e-9, atol=1e-9), name
-        assert torch.allclose(problem.input_mean, X.mean(dim=0), rtol=1e-5, atol=1e-6), name  # summed in float32 per batch
+        # batch means in float32, combined in float64
+        assert torch.allclose(problem.input_mean, X.mean(dim=0), rtol=1e-5, atol=1e-6), name
         assert torch.allclose(problem.input_var, X.var(dim=0, unbiased=False), rtol=1e-5, atol=1e-6), name
         assert problem.n_tokens == X.shape[0]
         assert torch.equal(problem.weight, dict(block.named_modules())[name].weight)
     # Each batch's forward stops at the last watched group's input: only the layers before it run.
     order = [n for g in groups for n in g]
-    last_watched = [g[0] for g in groups if g[0] in names][-1]
+    last_watched = [g[0] for g in groups if set(g) & set(names)][-1]
     assert ran == order[: order.index(last_watched)] * 3  # 5 samples in batches of 2
+
+
+class _Shifted(nn.Module):
+    """A stand-in block whose linear layer sees inputs with a mean 1000 times their spread."""
+
+    def __init__(self, repeat: int = 1) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 3)
+        self.repeat = repeat
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.repeat):
+            out = self.proj(hidden)
+        return out
+
+
+def test_variance_of_inputs_with_a_large_mean_is_accurate_with_a_float32_gram():
+    generator = torch.Generator().manual_seed(3)
+    offsets = torch.tensor([100.0, -300.0, 0.0, 50.0, 1000.0, 1.0])
+    hidden = offsets + 0.1 * torch.randn(7, 16, 6, generator=generator)
+    inputs = BlockInputs(hidden=hidden, kwargs={})
+    problem = collect_layer_problems(_Shifted(), inputs, ["proj"], batch_size=3)["proj"]  # float32 H
+    X = hidden.reshape(-1, 6).to(torch.float64)
+    assert torch.allclose(problem.input_mean, X.mean(dim=0), rtol=1e-6, atol=1e-6)
+    # E[x^2] - mean^2 from float32 sums would be off by far more than 0.1% here (mean^2 / var up to 1e8)
+    assert torch.allclose(problem.input_var, X.var(dim=0, unbiased=False), rtol=1e-3)
+
+
+def test_a_linear_layer_called_twice_per_forward_is_refused():
+    inputs = BlockInputs(hidden=torch.randn(2, 4, 6), kwargs={})
+    with pytest.raises(AlpsError, match="runs more than once in one forward"):
+        discover_groups(_Shifted(repeat=2), inputs)
