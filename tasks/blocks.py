@@ -21,7 +21,7 @@ from torch import nn
 from alps_solver import LayerProblem, SparsityPattern, solve
 from alps_solver.problem import gram_matrix
 
-from .calibration import BlockInputs
+from .calibration import BlockInputs, StopForward
 from .errors import AlpsError
 
 __all__ = [
@@ -54,12 +54,8 @@ Solved = tuple[LayerReport, torch.Tensor]  # a layer's report and its pruned wei
 SolveLayers = Callable[[dict[str, LayerProblem], dict[str, str]], dict[str, Solved]]
 
 
-class _InputsCollected(Exception):
-    """Raised by a hook once every watched group has its batch: the rest of the block's forward is skipped."""
-
-
 class _GramCollector:
-    """Accumulates H and the input sum for the groups it is asked to watch.
+    """Accumulates H and the input mean and variance for the groups it is asked to watch.
 
     Without ``groups`` it learns them: a layer whose input is the very tensor the previous layer read joins
     that layer's group. With ``groups`` (from a discovery pass) only each group's first member accumulates,
@@ -111,7 +107,7 @@ class _GramCollector:
             s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
             _add_batch_moments(s, X)
             if name == self.stop_after:
-                raise _InputsCollected
+                raise StopForward  # every watched group has this batch
 
         return hook
 
@@ -162,7 +158,7 @@ def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: 
     for start in range(0, inputs.hidden.shape[0], batch_size):
         try:
             block(inputs.hidden[start : start + batch_size], **inputs.kwargs)
-        except _InputsCollected:
+        except StopForward:
             pass
         collector.end_batch()
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .adapters import build_stem
 
-__all__ = ["BlockInputs", "capture_block_inputs", "save_block_inputs", "load_block_inputs", "run_block"]
+__all__ = ["BlockInputs", "StopForward", "capture_block_inputs", "save_block_inputs", "load_block_inputs", "run_block"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class BlockInputs:
     kwargs: dict[str, Any]  # block keywords shared by every sample (batch dimension 1)
 
 
-class _StopForward(Exception):
-    """Raised by the recorder once block 0's inputs are captured: nothing after it needs to run."""
+class StopForward(Exception):
+    """Raised from inside a forward once the inputs it was run for are captured (block 0's by the recorder,
+    the watched layers' by the Gram collector): nothing after that point needs to run."""
 
 
 class _Recorder(nn.Module):
@@ -51,7 +52,7 @@ class _Recorder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self.calls.append((args, kwargs))
-        raise _StopForward
+        raise StopForward
 
 
 @torch.inference_mode()
@@ -74,7 +75,7 @@ def capture_block_inputs(
         recorder.calls.clear()
         try:
             stem(input_ids=batch, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         (args, kwargs), = recorder.calls
         states = args[0] if args else kwargs.pop("hidden_states")

@@ -66,8 +66,8 @@ def test_problems_match_the_recorded_inputs(block_and_inputs, which):
              "a member without its leader": [groups[0][1]]}[which]
     reference = recorded_inputs(block, inputs)
     ran: list[str] = []
-    linears = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
-    handles = [dict(block.named_modules())[n].register_forward_hook(lambda *_, n=n: ran.append(n)) for n in linears]
+    handles = [module.register_forward_hook(lambda *_, name=name: ran.append(name))
+               for name, module in block.named_modules() if isinstance(module, nn.Linear)]
     try:
         problems = collect_layer_problems(block, inputs, names, batch_size=2, gram_dtype=torch.float64,
                                           groups=groups)
@@ -90,7 +90,7 @@ def test_problems_match_the_recorded_inputs(block_and_inputs, which):
 
 
 class _Shifted(nn.Module):
-    """A stand-in block whose linear layer sees inputs with a mean 1000 times their spread."""
+    """A stand-in block whose linear layer sees inputs with means up to 10,000 times their spread."""
 
     def __init__(self, repeat: int = 1) -> None:
         super().__init__()
