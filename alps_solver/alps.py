@@ -131,8 +131,8 @@ def backsolve(
     )
     refined = scaled.unscale(outcome.solution)
     # The damped system is what PCG minimises; keep a row's refinement only if the true error drops.
-    rows_before = problem.row_errors(weight)
-    rows_after = problem.row_errors(refined)
+    rows_before = _true_row_errors(scaled, B_start * mask, outcome.start_residual)
+    rows_after = _true_row_errors(scaled, outcome.solution, outcome.final_residual)
     worse = rows_after > rows_before
     refined = torch.where(worse[:, None], weight, refined)
     record = BacksolveRecord(
@@ -146,3 +146,16 @@ def backsolve(
         seconds=time.perf_counter() - start,
     )
     return refined, record
+
+
+def _true_row_errors(scaled: ScaledProblem, B: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """(d_out,) float64: each row's true (undamped) error ||X (w_i - w0_i)||^2 for scaled weights B, from
+    PCG's residual ``B0 Hs - B Hs`` instead of another product with H.
+
+    With E = B - B0 (scaled) and H = S Hs S - lambda I, the error is E Hs E^T - lambda ||E S^-1||^2 per row,
+    and E Hs = -residual.
+    """
+    E = B - scaled.B0
+    damped = -(E * residual).sum(dim=1, dtype=torch.float64)
+    ridge = (E / scaled.scale[None, :]).square().sum(dim=1, dtype=torch.float64) * scaled.damping
+    return damped - ridge

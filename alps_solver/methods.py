@@ -15,7 +15,7 @@ from .problem import LayerProblem
 from .result import Callback, Result
 from .sparsity import SparsityPattern
 
-__all__ = ["METHODS", "solve", "make_config", "method_names"]
+__all__ = ["METHODS", "solve", "make_config", "method_names", "needs_input_stats"]
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class MethodSpec:
     module: str  # module (relative to alps_solver) holding Config and solve
     preset: str | None = None  # name of a Config classmethod giving this method's defaults
     summary: str = ""
+    input_stats: bool = False  # reads LayerProblem.input_mean and input_var, not only W and H
 
     def load(self) -> Any:
         return importlib.import_module(f"alps_solver.{self.module}")
@@ -37,7 +38,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("magnitude", "baselines.magnitude", summary="keep the largest |W|"),
         MethodSpec("wanda", "baselines.wanda", summary="|W| * ||x||, per output row (Sun et al. 2023)"),
         MethodSpec("sparsegpt", "baselines.sparsegpt", summary="OBS column sweep (Frantar & Alistarh 2023)"),
-        MethodSpec("dsnot", "baselines.dsnot", summary="training-free prune-and-grow (Zhang et al. 2024)"),
+        MethodSpec("dsnot", "baselines.dsnot", summary="training-free prune-and-grow (Zhang et al. 2024)",
+                   input_stats=True),
         MethodSpec("admm_fixed_mask", "baselines.admm_fixed_mask", summary="gradual ADMM (Boza 2024)"),
         MethodSpec("admm_fixed_rho", "baselines.admm_fixed_rho", summary="ALPS iteration, constant rho"),
     )
@@ -46,6 +48,11 @@ METHODS: dict[str, MethodSpec] = {
 
 def method_names() -> list[str]:
     return list(METHODS)
+
+
+def needs_input_stats(method: str) -> bool:
+    """Whether ``method`` reads the per-channel input mean and variance (so callers can skip them)."""
+    return _spec(method).input_stats
 
 
 def _spec(method: str) -> MethodSpec:

@@ -24,6 +24,10 @@ class PcgOutcome:
     iterations: int
     converged_rows: int
     max_rel_residual: float
+    # rhs - x A for the masked start and for the solution, on every input (not only the support): the two
+    # products PCG needs anyway, which also give each row's objective (x - x*) A (x - x*)^T for free.
+    start_residual: torch.Tensor
+    final_residual: torch.Tensor
 
 
 def masked_pcg(
@@ -45,7 +49,8 @@ def masked_pcg(
     # the identity, but the routine stays correct for any SPD matrix.
     inv_diag = 1.0 / A.diagonal().clamp_min(torch.finfo(A.dtype).tiny)  # (d_in,)
     X = x0 * M
-    R = (rhs - X @ A) * M  # A symmetric: row i of X @ A is (A x_i)^T
+    start_residual = rhs - X @ A  # A symmetric: row i of X @ A is (A x_i)^T
+    R = start_residual * M
     rhs_norm = (rhs * M).norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)  # (d_out,)
     threshold = rtol * rhs_norm
     active = R.norm(dim=1) > threshold  # rows still iterating
@@ -71,10 +76,13 @@ def masked_pcg(
         rz = rz_next
     # The true residual, not the recurrence's R: with an rtol near the compute dtype's precision R keeps
     # shrinking after the true residual has stopped, and the record would claim convergence it lacks.
-    residual = ((rhs - X @ A) * M).norm(dim=1) / rhs_norm
+    final_residual = rhs - X @ A
+    residual = (final_residual * M).norm(dim=1) / rhs_norm
     return PcgOutcome(
         solution=X,
         iterations=iterations,
         converged_rows=int((residual <= rtol).sum()),
         max_rel_residual=float(residual.max()) if residual.numel() else 0.0,
+        start_residual=start_residual,
+        final_residual=final_residual,
     )

@@ -85,16 +85,29 @@ class LayerProblem:
     def d_in(self) -> int:
         return self.weight.shape[1]
 
+    @property
+    def error_dtype(self) -> torch.dtype:
+        """Precision of the error products: the weight's, at least float32. A float32 weight's own
+        rounding (about 1e-7 relative) already bounds what a float64 product could add, at twice the cost;
+        the sums are always taken in float64."""
+        return torch.promote_types(self.weight.dtype, torch.float32)
+
+    @cached_property
+    def _error_gram(self) -> torch.Tensor:
+        """The undamped H in ``error_dtype``, converted once for every error this problem reports."""
+        return self.gram.to(self.error_dtype)
+
     def row_errors(self, weight_hat: torch.Tensor) -> torch.Tensor:
         """(d_out,) float64: ||X (w_hat_i - w_i)||^2 for every output row i, from the undamped H."""
-        E = weight_hat.to(torch.float64) - self.weight.to(torch.float64)
-        return ((E @ self.gram.to(torch.float64)) * E).sum(dim=1)
+        E = weight_hat.to(self.error_dtype) - self.weight.to(self.error_dtype)
+        return ((E @ self._error_gram) * E).sum(dim=1, dtype=torch.float64)
 
     @cached_property
     def reference_error(self) -> float:
         """||X W^T||^2, the error of pruning everything: the denominator of ``rel_error`` (computed once)."""
-        W = self.weight.to(torch.float64)
-        return max(float(((W @ self.gram.to(torch.float64)) * W).sum()), torch.finfo(torch.float64).tiny)
+        W = self.weight.to(self.error_dtype)
+        total = float(((W @ self._error_gram) * W).sum(dtype=torch.float64))
+        return max(total, torch.finfo(torch.float64).tiny)
 
     def rel_error(self, weight_hat: torch.Tensor) -> float:
         """||X (W_hat - W)^T||^2 / ||X W^T||^2 from the undamped H (0 for W_hat = W)."""

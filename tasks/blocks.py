@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from alps_solver import LayerProblem, SparsityPattern, solve
+from alps_solver.methods import needs_input_stats
 from alps_solver.problem import gram_matrix
 
 from .calibration import BlockInputs, StopForward
@@ -63,9 +64,10 @@ class _GramCollector:
     """
 
     def __init__(self, block: nn.Module, gram_dtype: torch.dtype, groups: Sequence[Sequence[str]] | None = None,
-                 watch: Sequence[str] = ()) -> None:
+                 watch: Sequence[str] = (), input_stats: bool = True) -> None:
         self.linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         self.gram_dtype = gram_dtype
+        self.input_stats = input_stats  # also the per-channel mean and variance (only some methods read them)
         self.order: list[str] = []  # linear names in execution order
         self.group_of: dict[str, str] = {}  # linear name -> its group's first member
         for group in groups or ():
@@ -105,7 +107,10 @@ class _GramCollector:
             })
             # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
             s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
-            _add_batch_moments(s, X)
+            if self.input_stats:
+                _add_batch_moments(s, X)
+            else:
+                s["n"] += X.shape[0]
             if name == self.stop_after:
                 raise StopForward  # every watched group has this batch
 
@@ -127,15 +132,11 @@ class _GramCollector:
 
     def problem(self, name: str) -> LayerProblem:
         s = self.stats[self.group_of[name]]
-        mean, var = s["mean"], s["m2"] / s["n"]
         weight = self.linears[name].weight.detach()
-        return LayerProblem(
-            weight=weight.to(torch.float32),
-            gram=s["gram"],
-            input_mean=mean.to(weight.device),
-            input_var=var.to(weight.device),
-            n_tokens=s["n"],
-        )
+        stats = {}
+        if self.input_stats:
+            stats = {"input_mean": s["mean"].to(weight.device), "input_var": (s["m2"] / s["n"]).to(weight.device)}
+        return LayerProblem(weight=weight.to(torch.float32), gram=s["gram"], n_tokens=s["n"], **stats)
 
 
 def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
@@ -201,7 +202,7 @@ def prune_block(
     for stage in stages:
         names = [name for group in stage for name in group]
         problems = collect_layer_problems(block, inputs, names, batch_size=batch_size, gram_dtype=gram_dtype,
-                                          groups=groups)
+                                          groups=groups, input_stats=needs_input_stats(method))
 
         solved = solver(problems, group_of)
         for name in names:
@@ -220,16 +221,18 @@ def collect_layer_problems(
     batch_size: int = 8,
     gram_dtype: torch.dtype = torch.float32,
     groups: Sequence[Sequence[str]] | None = None,
+    input_stats: bool = True,
 ) -> dict[str, LayerProblem]:
     """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of each named linear
     layer; layers reading the same input share one H. Keys follow ``names``. ``groups`` (from
-    ``discover_groups``) saves discovering them again."""
+    ``discover_groups``) saves discovering them again; ``input_stats=False`` leaves out the per-channel
+    input mean and variance (only methods like dsnot read them)."""
     groups = groups if groups is not None else discover_groups(block, inputs)
     leader = {name: group[0] for group in groups for name in group}
     unknown = sorted(set(names) - set(leader))
     if unknown:
         raise KeyError(f"no linear layers named {unknown} run in this block; it has {sorted(leader)}")
-    collector = _GramCollector(block, gram_dtype, groups, watch=names)
+    collector = _GramCollector(block, gram_dtype, groups, watch=names, input_stats=input_stats)
     try:
         _forward(block, inputs, batch_size, collector)
     finally:

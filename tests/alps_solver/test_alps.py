@@ -153,6 +153,12 @@ def test_backsolve_never_raises_the_error(pattern):
         assert result.backsolve.rel_error_after <= result.backsolve.rel_error_before + 1e-12
         assert result.rel_error == result.backsolve.rel_error_after
         assert result.rel_error <= result.rel_error_before_backsolve + 1e-12
+        # The record's errors come from PCG's residuals, not a product with H: they are the true errors.
+        assert result.rel_error == pytest.approx(problem.rel_error(result.weight), rel=1e-5)
+        exact = solve(problem, pattern, config={"compute_dtype": "float64"})
+        assert exact.rel_error == pytest.approx(problem.rel_error(exact.weight), rel=1e-10)
+        no_backsolve = solve(problem, pattern, config={"compute_dtype": "float64", "backsolve": False})
+        assert exact.rel_error_before_backsolve == pytest.approx(no_backsolve.rel_error, rel=1e-10)
 
 
 def test_history_invariants():

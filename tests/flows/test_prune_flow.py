@@ -249,12 +249,15 @@ def test_peak_memory_does_not_grow_with_depth(prefect_harness, tokenizer, tmp_pa
     assert abs(peak16 - peak4) / peak4 < 0.25, (peak4, peak16)
 
 
-@pytest.mark.parametrize(("runner", "workers"), [("threads", 3), ("dask", 2)])
-def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokenizer, tmp_path, runner, workers):
+# dsnot reads the input mean and variance too: they must travel to the workers with W and H.
+@pytest.mark.parametrize(("runner", "workers", "method"), [("threads", 3, "alps"), ("dask", 2, "alps"),
+                                                           ("threads", 2, "dsnot")])
+def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokenizer, tmp_path, runner, workers,
+                                                        method):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=2)
-    sequential = prune_model(config_for(model_dir, tmp_path / "sequential", pattern="0.6"))
-    parallel = prune_model(config_for(model_dir, tmp_path / "parallel", pattern="0.6", task_runner=runner,
-                                      solve_workers=workers))
+    sequential = prune_model(config_for(model_dir, tmp_path / "sequential", pattern="0.6", method=method))
+    parallel = prune_model(config_for(model_dir, tmp_path / "parallel", pattern="0.6", method=method,
+                                      task_runner=runner, solve_workers=workers))
     want, got = tensors_of(Path(sequential["output"])), tensors_of(Path(parallel["output"]))
     assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
     report = json.loads((Path(parallel["output"]) / "prune_report.json").read_text())

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from alps_solver.methods import needs_input_stats
 from tasks.adapters import build_block
 from tasks.blocks import collect_layer_problems, discover_groups
 from tasks.calibration import BlockInputs, capture_block_inputs
@@ -87,6 +88,26 @@ def test_problems_match_the_recorded_inputs(block_and_inputs, which):
     order = [n for g in groups for n in g]
     last_watched = [g[0] for g in groups if set(g) & set(names)][-1]
     assert ran == order[: order.index(last_watched)] * 3  # 5 samples in batches of 2
+
+
+def test_without_input_stats_the_same_problems_carry_no_mean_or_variance(block_and_inputs):
+    block, inputs = block_and_inputs
+    groups = discover_groups(block, inputs)
+    names = [n for g in groups for n in g]
+    full = collect_layer_problems(block, inputs, names, batch_size=2, gram_dtype=torch.float64, groups=groups)
+    lean = collect_layer_problems(block, inputs, names, batch_size=2, gram_dtype=torch.float64, groups=groups,
+                                  input_stats=False)
+    for name in names:
+        assert lean[name].input_mean is None and lean[name].input_var is None
+        assert torch.equal(lean[name].gram, full[name].gram)
+        assert lean[name].n_tokens == full[name].n_tokens
+
+
+def test_only_methods_that_read_input_stats_ask_for_them():
+    assert needs_input_stats("dsnot")
+    assert not any(needs_input_stats(m) for m in ("alps", "alps-simple", "sparsegpt", "wanda", "magnitude"))
+    with pytest.raises(ValueError, match="method='nope' is unknown"):
+        needs_input_stats("nope")
 
 
 class _Shifted(nn.Module):
