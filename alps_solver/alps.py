@@ -128,11 +128,12 @@ def backsolve(
         B_start,
         max_iter=config.pcg_max_iter,
         rtol=config.pcg_rtol,
+        centre=scaled.B0,  # B0Hs = B0 Hs: the outcome carries each row's damped error
     )
     refined = scaled.unscale(outcome.solution)
     # The damped system is what PCG minimises; keep a row's refinement only if the true error drops.
-    rows_before = _true_row_errors(scaled, B_start * mask, outcome.start_residual)
-    rows_after = _true_row_errors(scaled, outcome.solution, outcome.final_residual)
+    rows_before = outcome.start_objective - _ridge_share(scaled, B_start * mask)
+    rows_after = outcome.final_objective - _ridge_share(scaled, outcome.solution)
     worse = rows_after > rows_before
     refined = torch.where(worse[:, None], weight, refined)
     record = BacksolveRecord(
@@ -148,14 +149,11 @@ def backsolve(
     return refined, record
 
 
-def _true_row_errors(scaled: ScaledProblem, B: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """(d_out,) float64: each row's true (undamped) error ||X (w_i - w0_i)||^2 for scaled weights B, from
-    PCG's residual ``B0 Hs - B Hs`` instead of another product with H.
+def _ridge_share(scaled: ScaledProblem, B: torch.Tensor) -> torch.Tensor:
+    """(d_out,) float64: the damping's part of each row's damped error, lambda ||(B - B0) S^-1||^2.
 
-    With E = B - B0 (scaled) and H = S Hs S - lambda I, the error is E Hs E^T - lambda ||E S^-1||^2 per row,
-    and E Hs = -residual.
+    With H = S Hs S - lambda I, a row's true (undamped) error is its damped error E Hs E^T (E = B - B0, which
+    PCG reports) less this.
     """
-    E = B - scaled.B0
-    damped = -(E * residual).sum(dim=1, dtype=torch.float64)
-    ridge = (E / scaled.scale[None, :]).square().sum(dim=1, dtype=torch.float64) * scaled.damping
-    return damped - ridge
+    E = (B - scaled.B0) / scaled.scale[None, :]
+    return E.square().sum(dim=1, dtype=torch.float64) * scaled.damping

@@ -24,10 +24,10 @@ class PcgOutcome:
     iterations: int
     converged_rows: int
     max_rel_residual: float
-    # rhs - x A for the masked start and for the solution, on every input (not only the support): the two
-    # products PCG needs anyway, which also give each row's objective (x - x*) A (x - x*)^T for free.
-    start_residual: torch.Tensor
-    final_residual: torch.Tensor
+    # With ``centre`` c given (rhs = c A): each row's (x - c) A (x - c)^T, float64 (d_out,), at the masked
+    # start and at the solution, read off the residuals rhs - x A that PCG computes anyway.
+    start_objective: torch.Tensor | None = None
+    final_objective: torch.Tensor | None = None
 
 
 def masked_pcg(
@@ -38,19 +38,22 @@ def masked_pcg(
     *,
     max_iter: int,
     rtol: float,
+    centre: torch.Tensor | None = None,
 ) -> PcgOutcome:
     """Solve every row's system on its support, starting from ``x0`` (masked), Jacobi-preconditioned.
 
     A row stops (its step sizes are frozen at zero) once ||masked residual|| <= rtol * ||masked rhs||;
-    the loop ends when every row has stopped or after ``max_iter`` iterations.
+    the loop ends when every row has stopped or after ``max_iter`` iterations. ``centre`` (d_out, d_in), the
+    unconstrained solution with rhs = centre A, makes the outcome carry every row's objective.
     """
     M = mask.to(A.dtype)  # (d_out, d_in)
     # Jacobi preconditioner: the inverse diagonal of A, per input. After ALPS's diagonal scaling this is
     # the identity, but the routine stays correct for any SPD matrix.
     inv_diag = 1.0 / A.diagonal().clamp_min(torch.finfo(A.dtype).tiny)  # (d_in,)
     X = x0 * M
-    start_residual = rhs - X @ A  # A symmetric: row i of X @ A is (A x_i)^T
-    R = start_residual * M
+    R = rhs - X @ A  # A symmetric: row i of X @ A is (A x_i)^T
+    start_objective = _objective(X, centre, R)
+    R = R * M
     rhs_norm = (rhs * M).norm(dim=1).clamp_min(torch.finfo(A.dtype).tiny)  # (d_out,)
     threshold = rtol * rhs_norm
     active = R.norm(dim=1) > threshold  # rows still iterating
@@ -76,13 +79,21 @@ def masked_pcg(
         rz = rz_next
     # The true residual, not the recurrence's R: with an rtol near the compute dtype's precision R keeps
     # shrinking after the true residual has stopped, and the record would claim convergence it lacks.
-    final_residual = rhs - X @ A
-    residual = (final_residual * M).norm(dim=1) / rhs_norm
+    R = rhs - X @ A
+    final_objective = _objective(X, centre, R)
+    residual = (R * M).norm(dim=1) / rhs_norm
     return PcgOutcome(
         solution=X,
         iterations=iterations,
         converged_rows=int((residual <= rtol).sum()),
         max_rel_residual=float(residual.max()) if residual.numel() else 0.0,
-        start_residual=start_residual,
-        final_residual=final_residual,
+        start_objective=start_objective,
+        final_objective=final_objective,
     )
+
+
+def _objective(X: torch.Tensor, centre: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor | None:
+    """Per row (x - c) A (x - c)^T = -(x - c) . (c A - x A), from the full (unmasked) residual c A - x A."""
+    if centre is None:
+        return None
+    return -((X - centre) * residual).sum(dim=1, dtype=torch.float64)

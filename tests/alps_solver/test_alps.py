@@ -128,6 +128,14 @@ def test_backsolve_equals_direct_solve_on_support():
     true = ((rhs - early.solution @ scaled.Hs) * mask).norm(dim=1) / (rhs * mask).norm(dim=1)
     assert early.max_rel_residual == pytest.approx(float(true.max()), rel=1e-9)
     assert early.max_rel_residual > 1e-6
+    # Given the centre (rhs = centre Hs), it reports each row's objective at the start and at the end.
+    x0 = scaled.B0 * 0.5
+    centred = masked_pcg(scaled.Hs, rhs, mask, x0, max_iter=3, rtol=1e-13, centre=scaled.B0)
+    assert early.start_objective is None and early.final_objective is None
+    for start, objective in ((x0 * mask, centred.start_objective), (centred.solution, centred.final_objective)):
+        E = start - scaled.B0
+        assert torch.allclose(objective, ((E @ scaled.Hs) * E).sum(dim=1), rtol=1e-10)
+    assert bool((centred.final_objective < centred.start_objective).all())
 
 
 def test_pcg_rows_stop_independently():
