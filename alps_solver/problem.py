@@ -87,27 +87,22 @@ class LayerProblem:
 
     @property
     def error_dtype(self) -> torch.dtype:
-        """Precision of the error products: the weight's, at least float32. A float32 weight's own
-        rounding (about 1e-7 relative) already bounds what a float64 product could add, at twice the cost;
-        the sums are always taken in float64."""
+        """Precision of the error products: the weight's, at least float32 (a float64 product costs twice
+        as much); the sums are always taken in float64. A float32 product is exact to about 1e-7 of
+        ||X E^T||^2's scale |E|^2 |H|, so an error far below that (an E nearly in H's null space, when there
+        are fewer tokens than inputs) reads as roughly zero, never below it."""
         return torch.promote_types(self.weight.dtype, torch.float32)
-
-    @cached_property
-    def _error_gram(self) -> torch.Tensor:
-        """The undamped H in ``error_dtype``, converted once for every error this problem reports."""
-        return self.gram.to(self.error_dtype)
 
     def row_errors(self, weight_hat: torch.Tensor) -> torch.Tensor:
         """(d_out,) float64: ||X (w_hat_i - w_i)||^2 for every output row i, from the undamped H."""
         E = weight_hat.to(self.error_dtype) - self.weight.to(self.error_dtype)
-        return ((E @ self._error_gram) * E).sum(dim=1, dtype=torch.float64)
+        H = self.gram.to(self.error_dtype)  # a copy only when H is float64 and the weight is not: not kept
+        return ((E @ H) * E).sum(dim=1, dtype=torch.float64).clamp_min(0.0)
 
     @cached_property
     def reference_error(self) -> float:
         """||X W^T||^2, the error of pruning everything: the denominator of ``rel_error`` (computed once)."""
-        W = self.weight.to(self.error_dtype)
-        total = float(((W @ self._error_gram) * W).sum(dtype=torch.float64))
-        return max(total, torch.finfo(torch.float64).tiny)
+        return max(float(self.row_errors(torch.zeros_like(self.weight)).sum()), torch.finfo(torch.float64).tiny)
 
     def rel_error(self, weight_hat: torch.Tensor) -> float:
         """||X (W_hat - W)^T||^2 / ||X W^T||^2 from the undamped H (0 for W_hat = W)."""

@@ -169,6 +169,33 @@ def test_backsolve_never_raises_the_error(pattern):
         assert exact.rel_error_before_backsolve == pytest.approx(no_backsolve.rel_error, rel=1e-10)
 
 
+def _edge_problem(case: str) -> tuple[LayerProblem, dict]:
+    if case == "few tokens":  # H of rank 6 < d_in: errors along its null space are zero
+        return random_problem(12, 32, 6, seed=21), {}
+    if case == "no damping":
+        return random_problem(12, 32, 200, seed=22), {"damping": 0.0}
+    if case == "dead input":
+        problem = random_problem(12, 32, 200, seed=23)
+        gram = problem.gram.clone()
+        gram[5, :] = 0.0
+        gram[:, 5] = 0.0
+        return LayerProblem(weight=problem.weight, gram=gram), {"damping": 0.0}
+    return LayerProblem(weight=torch.randn(12, 32, dtype=torch.float64), gram=torch.zeros(32, 32,
+                        dtype=torch.float64)), {}  # all-zero H: every weight is optimal
+
+
+@pytest.mark.parametrize("case", ["few tokens", "no damping", "dead input", "all-zero H"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_recorded_errors_are_the_true_errors_on_degenerate_problems(case, dtype):
+    problem, config = _edge_problem(case)
+    result = solve(problem, "0.7", config={**config, "compute_dtype": dtype})
+    true = problem.rel_error(result.weight)
+    assert result.rel_error >= 0.0 and result.rel_error_before_backsolve >= 0.0
+    # Absolute, in units of ||X W^T||^2: float32 residuals are exact to about 1e-7 of that scale.
+    assert abs(result.rel_error - true) <= (1e-5 if dtype == "float32" else 1e-10)
+    assert true <= problem.rel_error(SparsityPattern.unstructured(0.7).project(problem.weight)) + 1e-6
+
+
 def test_history_invariants():
     problem = random_problem(32, 64, 300, seed=6)
     config = Config()

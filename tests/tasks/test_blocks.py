@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from alps_solver.methods import needs_input_stats
+from alps_solver import LayerProblem, SparsityPattern, solve
+from alps_solver.methods import method_names, needs_input_stats
 from tasks.adapters import build_block
-from tasks.blocks import collect_layer_problems, discover_groups
+from tasks.blocks import collect_layer_problems, discover_groups, prune_block
 from tasks.calibration import BlockInputs, capture_block_inputs
 from tasks.errors import AlpsError
 
@@ -103,11 +104,32 @@ def test_without_input_stats_the_same_problems_carry_no_mean_or_variance(block_a
         assert lean[name].n_tokens == full[name].n_tokens
 
 
-def test_only_methods_that_read_input_stats_ask_for_them():
-    assert needs_input_stats("dsnot")
-    assert not any(needs_input_stats(m) for m in ("alps", "alps-simple", "sparsegpt", "wanda", "magnitude"))
+@pytest.mark.parametrize("method", method_names())
+def test_methods_that_do_not_ask_for_input_stats_solve_without_them(method):
+    torch.manual_seed(0)
+    X = torch.randn(64, 16)
+    bare = LayerProblem(weight=torch.randn(8, 16), gram=X.T @ X)
+    if needs_input_stats(method):
+        with pytest.raises(ValueError, match="input_mean"):
+            solve(bare, "0.5", method=method)
+    else:
+        assert solve(bare, "0.5", method=method).weight.shape == (8, 16)
     with pytest.raises(ValueError, match="method='nope' is unknown"):
         needs_input_stats("nope")
+
+
+@pytest.mark.parametrize("method", ["alps", "dsnot"])
+def test_prune_block_collects_input_stats_only_for_methods_that_read_them(block_and_inputs, method):
+    block, inputs = block_and_inputs
+    seen: dict[str, LayerProblem] = {}
+
+    def record(problems, group_of):
+        seen.update(problems)
+        return {name: (None, problem.weight) for name, problem in problems.items()}  # weights unchanged
+
+    prune_block(block, inputs, SparsityPattern.parse("0.5"), method, None, batch_size=2, solve_layers=record)
+    assert seen and all((p.input_mean is not None) == (method == "dsnot") for p in seen.values())
+    assert all((p.input_var is not None) == (method == "dsnot") for p in seen.values())
 
 
 class _Shifted(nn.Module):
