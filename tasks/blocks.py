@@ -99,18 +99,19 @@ class _GramCollector:
             if name not in self.watch:  # another group, or a member that shares its leader's input
                 return
             X = x.detach().reshape(-1, x.shape[-1])
-            s = self.stats.setdefault(name, {
-                "gram": torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device),
-                "mean": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),
-                "m2": torch.zeros(X.shape[1], dtype=torch.float64, device=X.device),  # sum of squared deviations
-                "n": 0,
-            })
+            if name not in self.stats:
+                d = X.shape[1]
+                fresh = {"gram": torch.zeros(d, d, dtype=torch.float64, device=X.device), "n": 0}
+                if self.input_stats:
+                    fresh["mean"] = torch.zeros(d, dtype=torch.float64, device=X.device)
+                    fresh["m2"] = torch.zeros_like(fresh["mean"])  # sum of squared deviations from the mean
+                self.stats[name] = fresh
+            s = self.stats[name]
             # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
             s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
             if self.input_stats:
                 _add_batch_moments(s, X)
-            else:
-                s["n"] += X.shape[0]
+            s["n"] += X.shape[0]
             if name == self.stop_after:
                 raise StopForward  # every watched group has this batch
 
@@ -140,9 +141,10 @@ class _GramCollector:
 
 
 def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
-    """Fold a batch X (n, d) into the running mean and sum of squared deviations (Chan et al.'s pairwise
-    update). The batch's own moments are taken about its mean, in float32, and only then combined in
-    float64: E[x^2] - mean^2 from float32 sums loses channels whose mean dwarfs their spread."""
+    """Fold a batch X (n, d) into the running mean and sum of squared deviations of the ``stats["n"]`` rows
+    seen so far (Chan et al.'s pairwise update; the caller then counts the batch in). The batch's own
+    moments are taken about its mean, in float32, and only then combined in float64: E[x^2] - mean^2 from
+    float32 sums loses channels whose mean dwarfs their spread."""
     X = X if X.dtype in (torch.float32, torch.float64) else X.to(torch.float32)
     n_a, n_b = stats["n"], X.shape[0]
     batch_mean = X.mean(dim=0)
@@ -151,7 +153,6 @@ def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
     n = n_a + n_b
     stats["mean"] += delta * (n_b / n)
     stats["m2"] += batch_m2 + delta.square() * (n_a * n_b / n)
-    stats["n"] = n
 
 
 @torch.inference_mode()
