@@ -5,7 +5,7 @@
 """
 
 from .methods import METHODS, make_config, method_names, solve
-from .problem import LayerProblem, ScaledProblem
+from .problem import GramCache, LayerProblem, ScaledProblem
 from .result import BacksolveRecord, CheckRecord, Result, RhoUpdate, Status
 from .sparsity import PatternKind, SparsityPattern
 
@@ -13,6 +13,7 @@ __all__ = [
     "METHODS",
     "BacksolveRecord",
     "CheckRecord",
+    "GramCache",
     "LayerProblem",
     "PatternKind",
     "Result",

@@ -83,18 +83,14 @@ class AdmmOutcome:
     iterations: int
     history: list[CheckRecord] = field(default_factory=list)
     rho_updates: list[RhoUpdate] = field(default_factory=list)
-    eigh_seconds: float = 0.0  # the one-time eigendecomposition, apart from the iterations
+    eigh_seconds: float = 0.0  # the one-time eigendecomposition, apart from the iterations (~0 when shared)
 
 
 class _Inverse:
-    """(H + rho I)^-1 built from the eigenbasis, rebuilt only when rho changes."""
+    """(H + rho I)^-1 built from the eigenbasis H = Q diag(L) Q^T, rebuilt only when rho changes."""
 
-    def __init__(self, H: torch.Tensor) -> None:
-        # float64 eigendecomposition: the small eigenvalues of a damped Gram matrix decide the weight
-        # step's accuracy, and float32 loses them. Done once per layer.
-        L, Q = torch.linalg.eigh(H.to(torch.float64))
-        self.L = L.clamp_min(0.0).to(H.dtype)
-        self.Q = Q.to(H.dtype)
+    def __init__(self, L: torch.Tensor, Q: torch.Tensor) -> None:
+        self.L, self.Q = L, Q
         self.rho: float | None = None
         self.matrix = torch.empty(0)
 
@@ -118,7 +114,7 @@ def run_admm(
     H, W0 = scaled.Hs, scaled.B0
     k = max(pattern.kept_count(*W0.shape), 1)
     start = time.perf_counter()
-    inverse = _Inverse(H)
+    inverse = _Inverse(*scaled.gram.eigen)  # computed here, or earlier for another layer with this H
     if H.is_cuda:  # the eigendecomposition's kernels run asynchronously: wait for them before timing
         torch.cuda.synchronize(H.device)
     eigh_seconds = time.perf_counter() - start

@@ -1,7 +1,7 @@
 """The method registry: one ``solve`` entry point for ALPS and every baseline.
 
 Each method module exposes ``Config`` (a frozen, keyword-only dataclass with a ``version`` field) and
-``solve(problem, pattern, config=None, *, callback=None) -> Result``.
+``solve(problem, pattern, config=None, *, callback=None, cache=None) -> Result``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from .config import config_from_dict
-from .problem import LayerProblem
+from .problem import GramCache, LayerProblem
 from .result import Callback, Result
 from .sparsity import SparsityPattern
 
@@ -91,11 +91,18 @@ def solve(
     config: Any = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
-    """Prune one layer with ``method``; see the method's module for its config."""
+    """Prune one layer with ``method``; see the method's module for its config.
+
+    ``cache``: one ``GramCache`` for the layers that share H (q/k/v, gate/up), solved one after another;
+    methods that derive something costly from H alone (ALPS's eigendecomposition, SparseGPT's factor of
+    H^-1) then do it once per group. The results are the same as without it.
+    """
     spec = _spec(method)
     module = spec.load()
-    result: Result = module.solve(problem, SparsityPattern.parse(pattern), make_config(method, config), callback=callback)
+    result: Result = module.solve(problem, SparsityPattern.parse(pattern), make_config(method, config),
+                                  callback=callback, cache=cache)
     result.method = method
     return result
 

@@ -10,13 +10,16 @@ subject to W_hat satisfying a sparsity pattern. Only H is needed, never X itself
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["LayerProblem", "ScaledProblem", "gram_matrix", "gram_matrix_flops"]
+__all__ = ["GramCache", "LayerProblem", "ScaledGram", "ScaledProblem", "gram_matrix", "gram_matrix_flops"]
 
+T = TypeVar("T")
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GRAM_DTYPES = (torch.float32, torch.float64)
 
@@ -110,24 +113,23 @@ class LayerProblem:
 
 
 @dataclass(frozen=True, eq=False)
-class ScaledProblem:
-    """The damped problem in diagonally scaled variables, as ALPS and its ADMM relatives solve it.
+class ScaledGram:
+    """The damped, diagonally scaled Gram matrix: the part of the scaled problem that depends on H alone.
 
-    With H_d = H + lambda I (lambda = damping * mean(diag H)) and s = sqrt(diag H_d), the change of
-    variables B = W diag(s) turns the objective into tr((B - B0) Hs (B - B0)^T) with Hs = S^-1 H_d S^-1,
-    whose diagonal is 1. The damping keeps Hs positive definite when there are fewer tokens than inputs;
+    With H_d = H + lambda I (lambda = damping * mean(diag H)) and s = sqrt(diag H_d), Hs = S^-1 H_d S^-1
+    has a unit diagonal. The damping keeps Hs positive definite when there are fewer tokens than inputs;
     the unit diagonal makes one penalty rho meaningful for every layer, whatever the scale of its inputs.
-    Scaling columns does not move zeros, so a pattern on B is the same pattern on W.
+    Layers that read the same input (q/k/v, gate/up) have the same ScaledGram (see ``GramCache``).
     """
 
     Hs: torch.Tensor  # (d_in, d_in) scaled, damped Gram matrix, compute dtype
-    B0: torch.Tensor  # (d_out, d_in) scaled dense weights, compute dtype
     scale: torch.Tensor  # (d_in,) s = sqrt(diag(H_d)), compute dtype
+    scale64: torch.Tensor  # (d_in,) the same s in float64, which the weights are scaled with
     damping: float  # lambda actually added to the diagonal
 
     @classmethod
-    def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype) -> ScaledProblem:
-        H = problem.gram.to(torch.float64)
+    def build(cls, gram: torch.Tensor, damping: float, dtype: torch.dtype) -> ScaledGram:
+        H = gram.to(torch.float64)
         mean_diagonal = float(H.diagonal().mean())
         # An all-zero H (a layer that never saw a non-zero input) makes any weights optimal; a unit ridge
         # keeps the algebra defined. Otherwise the ridge is exactly what was asked for, 0 included.
@@ -136,8 +138,90 @@ class ScaledProblem:
         s = Hd.diagonal().sqrt()
         s = torch.where(s > 0, s, torch.ones_like(s))  # dead inputs without damping: leave them unscaled
         Hs = Hd / s[:, None] / s[None, :]
-        B0 = problem.weight.to(torch.float64) * s[None, :]
-        return cls(Hs=Hs.to(dtype), B0=B0.to(dtype), scale=s.to(dtype), damping=lam)
+        return cls(Hs=Hs.to(dtype), scale=s.to(dtype), scale64=s, damping=lam)
+
+    @cached_property
+    def eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hs = Q diag(L) Q^T: (L (d_in,), Q (d_in, d_in)) in Hs's dtype, computed once, on first use.
+
+        The decomposition runs in float64: the small eigenvalues of a damped Gram matrix decide the ADMM
+        weight step's accuracy, and float32 loses them. L is clamped at 0 (rounding can make it slightly
+        negative for a singular H without damping).
+        """
+        L, Q = torch.linalg.eigh(self.Hs.to(torch.float64))
+        return L.clamp_min(0.0).to(self.Hs.dtype), Q.to(self.Hs.dtype)
+
+
+class GramCache:
+    """Work that depends on H alone, shared by the solves of layers that read the same input.
+
+    q/k/v and gate/up each share one H, so they can share what a method derives from it: ALPS's scaled H
+    and its float64 eigendecomposition (a d_in^3 step it would otherwise repeat for every member),
+    SparseGPT's factor of H^-1. Pass one cache to the ``solve`` of each member of such a group, one after
+    another. A value is reused only for an H with the very values, dtype and device it was derived from
+    (and the same key, which names the method's settings), so a cache handed to unrelated problems costs
+    an equality check, never a wrong answer. An H modified in place after it was cached is caught by
+    torch's version counter, which tensors made under ``torch.inference_mode`` lack: do not modify those
+    while a cache holds them. Only the latest H's values are kept, so memory stays one layer's worth.
+    """
+
+    def __init__(self) -> None:
+        self._gram: torch.Tensor | None = None
+        self._version: int | None = None
+        self._values: dict[Hashable, Any] = {}
+
+    def get(self, gram: torch.Tensor, key: Hashable, build: Callable[[], T]) -> T:
+        """The value ``build()`` derived from this H under ``key``: cached, or built now and kept."""
+        if not self._holds(gram):
+            self._gram, self._version, self._values = gram, _version(gram), {}
+        if key not in self._values:
+            self._values[key] = build()
+        return self._values[key]
+
+    def _holds(self, gram: torch.Tensor) -> bool:
+        cached = self._gram
+        if cached is None or _version(cached) != self._version:  # modified in place since it was cached
+            return False
+        if cached is gram:
+            return True
+        return (cached.shape == gram.shape and cached.dtype == gram.dtype and cached.device == gram.device
+                and bool(torch.equal(cached, gram)))
+
+
+@dataclass(frozen=True, eq=False)
+class ScaledProblem:
+    """The damped problem in diagonally scaled variables, as ALPS and its ADMM relatives solve it.
+
+    The change of variables B = W diag(s) (``ScaledGram``) turns the objective into
+    tr((B - B0) Hs (B - B0)^T) with Hs's diagonal 1. Scaling columns does not move zeros, so a pattern on
+    B is the same pattern on W.
+    """
+
+    gram: ScaledGram  # Hs, s and lambda: shared by problems with the same H
+    B0: torch.Tensor  # (d_out, d_in) scaled dense weights, compute dtype
+
+    @classmethod
+    def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype,
+              cache: GramCache | None = None) -> ScaledProblem:
+        def scaled_gram() -> ScaledGram:
+            return ScaledGram.build(problem.gram, damping, dtype)
+
+        key = ("scaled-gram", damping, dtype)
+        gram = scaled_gram() if cache is None else cache.get(problem.gram, key, scaled_gram)
+        B0 = problem.weight.to(torch.float64) * gram.scale64[None, :]
+        return cls(gram=gram, B0=B0.to(dtype))
+
+    @property
+    def Hs(self) -> torch.Tensor:
+        return self.gram.Hs
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.gram.scale
+
+    @property
+    def damping(self) -> float:
+        return self.gram.damping
 
     @cached_property
     def B0Hs(self) -> torch.Tensor:
@@ -180,6 +264,13 @@ def gram_matrix_flops(n: int, d: int) -> float:
 def _panel_edges(d: int) -> list[int]:
     panels = max(1, round(d / _GRAM_PANEL))
     return [round(i * d / panels) for i in range(panels + 1)]
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """torch's count of in-place changes to ``tensor``; None for inference tensors, which keep none."""
+    if tensor.is_inference():
+        return None
+    return tensor._version
 
 
 def _describe(value: object) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alps_solver import LayerProblem, SparsityPattern, solve
+from alps_solver import GramCache, LayerProblem, SparsityPattern, solve
 from alps_solver.methods import needs_input_stats
 from alps_solver.problem import gram_matrix
 
@@ -26,7 +26,7 @@ from .calibration import BlockInputs, StopForward
 from .errors import AlpsError
 
 __all__ = [
-    "LayerReport", "Solved", "SolveLayers", "collect_layer_problems", "discover_groups", "prune_block",
+    "LayerReport", "Solved", "SolveLayers", "by_group", "collect_layer_problems", "discover_groups", "prune_block",
     "solve_linear",
 ]
 
@@ -243,9 +243,22 @@ def collect_layer_problems(
 
 def _solve_in_process(pattern: SparsityPattern, method: str, method_config: dict[str, Any] | None) -> SolveLayers:
     def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
-        return {n: solve_linear(n, group_of[n], p, pattern, method, method_config) for n, p in problems.items()}
+        solved: dict[str, Solved] = {}
+        for group, members in by_group(problems, group_of).items():
+            cache = GramCache()  # the members share H: whatever a method derives from it is derived once
+            for name in members:
+                solved[name] = solve_linear(name, group, problems[name], pattern, method, method_config, cache)
+        return {name: solved[name] for name in problems}
 
     return solve_all
+
+
+def by_group(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, list[str]]:
+    """The problems' names by group, in the order given: the members of a group share one H."""
+    groups: dict[str, list[str]] = {}
+    for name in problems:
+        groups.setdefault(group_of[name], []).append(name)
+    return groups
 
 
 def solve_linear(
@@ -255,9 +268,11 @@ def solve_linear(
     pattern: SparsityPattern,
     method: str,
     method_config: dict[str, Any] | None,
+    cache: GramCache | None = None,
 ) -> Solved:
+    """Solve one layer; ``cache`` is shared with the other members of its group (see ``GramCache``)."""
     start = time.perf_counter()
-    result = solve(problem, pattern, method=method, config=method_config)
+    result = solve(problem, pattern, method=method, config=method_config, cache=cache)
     report = LayerReport(
         name=name,
         shape=list(problem.weight.shape),

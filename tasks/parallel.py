@@ -1,11 +1,13 @@
 """Parallel layer solves: the independent layer problems of a block through a Prefect task runner.
 
-Each layer problem (W, H and the input statistics) is written to a safetensors file; a ``solve-layer``
-task loads it on its worker's device, solves it and writes the pruned weight to another file, returning
-only its small report. So the same code runs on a thread pool (default), on Dask (``prefect-dask``, a
-local cluster or an existing one by address) or on Ray (``prefect-ray``, optional extra), and no tensor
-is ever pickled into a task parameter or result. Solves are deterministic, so the pruned weights are
-identical to a sequential run whatever the runner and worker count.
+The unit of work is a group: the layers that read the same input (q/k/v, gate/up) and so share one H.
+Each group's problems (H and the input statistics once, every member's W) are written to a safetensors
+file; a ``solve-group`` task loads it on its worker's device, solves the members one after another with
+one ``GramCache`` (so ALPS decomposes the shared H once), and writes each pruned weight to a file of its
+own, returning only the small reports. So the same code runs on a thread pool (default), on Dask
+(``prefect-dask``, a local cluster or an existing one by address) or on Ray (``prefect-ray``, optional
+extra), and no tensor is ever pickled into a task parameter or result. Solves are deterministic, so the
+pruned weights are identical to a sequential run whatever the runner and worker count.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alps_solver import LayerProblem, SparsityPattern
+from alps_solver import GramCache, LayerProblem, SparsityPattern
 
-from .blocks import LayerReport, Solved, SolveLayers, solve_linear
+from .blocks import LayerReport, Solved, SolveLayers, by_group, solve_linear
 from .errors import SettingError
 from .remote import register_by_reference
 
-__all__ = ["RunnerKind", "make_task_runner", "solve_layer", "solve_with_runner", "worker_devices"]
+__all__ = ["RunnerKind", "make_task_runner", "solve_group", "solve_with_runner", "worker_devices"]
 
 RunnerKind = Literal["threads", "dask", "ray"]
-_PROBLEM_FIELDS = ("weight", "gram", "input_mean", "input_var")
+_SHARED_FIELDS = ("gram", "input_mean", "input_var")  # one per group: what its members' inputs determine
 
 
 def make_task_runner(kind: RunnerKind, workers: int, address: str | None = None):
@@ -63,58 +65,78 @@ def worker_devices(device: torch.device) -> list[torch.device]:
     return [device]
 
 
-def _save_problem(problem: LayerProblem, path: Path) -> None:
-    tensors = {f: getattr(problem, f).contiguous().cpu() for f in _PROBLEM_FIELDS if getattr(problem, f) is not None}
-    save_file(tensors, str(path), metadata={"n_tokens": str(problem.n_tokens or 0)})
+def _save_group(problems: dict[str, LayerProblem], path: Path) -> None:
+    """One group's problems in one file: the shared H and input statistics once, each member's W."""
+    first = next(iter(problems.values()))
+    for name, problem in problems.items():
+        if problem.gram is not first.gram and not torch.equal(problem.gram, first.gram):
+            raise ValueError(f"{name} is grouped with layers that read another input: its H differs")
+    shared = {f: getattr(first, f) for f in _SHARED_FIELDS if getattr(first, f) is not None}
+    tensors = {f: t.contiguous().cpu() for f, t in shared.items()}
+    tensors.update({f"weight.{name}": p.weight.contiguous().cpu() for name, p in problems.items()})
+    save_file(tensors, str(path), metadata={"n_tokens": str(first.n_tokens or 0)})
 
 
-def _load_problem(path: Path, device: torch.device) -> LayerProblem:
+def _load_group(path: Path, device: torch.device) -> dict[str, LayerProblem]:
     with safe_open(str(path), framework="pt", device=str(device)) as handle:
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         n_tokens = int(handle.metadata()["n_tokens"]) or None
-    return LayerProblem(n_tokens=n_tokens, **tensors)
+    shared = {f: tensors[f] for f in _SHARED_FIELDS if f in tensors}  # one H tensor for every member
+    members = sorted(k for k in tensors if k.startswith("weight."))
+    return {key.removeprefix("weight."): LayerProblem(weight=tensors[key], n_tokens=n_tokens, **shared)
+            for key in members}
 
 
-@task(name="solve-layer", task_run_name="solve-{name}")
-def solve_layer(name: str, group: str, problem_path: str, solution_path: str, pattern: str, method: str,
-                method_config: dict[str, Any] | None, device: str, threads: int | None = None) -> dict[str, Any]:
-    """Solve one layer problem from its file; write the pruned weight to ``solution_path``."""
+@task(name="solve-group", task_run_name="solve-{group}")
+def solve_group(group: str, names: list[str], problem_path: str, work: str, pattern: str, method: str,
+                method_config: dict[str, Any] | None, device: str, threads: int | None = None) -> list[dict[str, Any]]:
+    """Solve one group's layers from its file, in ``names`` order, sharing what is derived from their H;
+    write each pruned weight to ``work/<name>.solution.safetensors``."""
     if threads:
         torch.set_num_threads(threads)
-    problem = _load_problem(Path(problem_path), torch.device(device))
-    report, weight = solve_linear(name, group, problem, SparsityPattern.parse(pattern), method, method_config)
-    save_file({"weight": weight.contiguous().cpu()}, solution_path)
-    return asdict(report)
+    problems = _load_group(Path(problem_path), torch.device(device))
+    cache = GramCache()
+    reports = []
+    for name in names:
+        report, weight = solve_linear(name, group, problems[name], SparsityPattern.parse(pattern), method,
+                                      method_config, cache)
+        save_file({"weight": weight.contiguous().cpu()}, str(Path(work) / f"{name}.solution.safetensors"))
+        reports.append(asdict(report))
+    return reports
 
 
 def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, method: str,
                       method_config: dict[str, Any] | None, devices: list[torch.device],
                       threads: int | None = None) -> SolveLayers:
-    """A ``SolveLayers`` that submits one ``solve-layer`` task per layer to a fresh task runner."""
+    """A ``SolveLayers`` that submits one ``solve-group`` task per group of layers sharing H to a fresh
+    task runner."""
 
     def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
         work.mkdir(parents=True, exist_ok=True)
-        # Largest problems first (a solve costs about d_out d_in^2): with fewer workers than layers, the
-        # longest solve then starts at once instead of running alone at the end.
-        largest_first = sorted(problems.items(), key=lambda item: -item[1].d_out * item[1].d_in ** 2)
+        groups = by_group(problems, group_of)
+        # Largest groups first (a solve costs about d_out d_in^2): with fewer workers than groups, the
+        # longest work then starts at once instead of running alone at the end.
+        def cost(members: list[str]) -> int:
+            return sum(problems[n].d_out * problems[n].d_in ** 2 for n in members)
+
+        largest_first = sorted(groups.items(), key=lambda item: -cost(item[1]))
         try:
-            futures = {}
+            futures = []
             with runner_factory() as runner:
-                for position, (name, problem) in enumerate(largest_first):
-                    problem_path = work / f"{name}.problem.safetensors"
-                    _save_problem(problem, problem_path)
-                    futures[name] = runner.submit(solve_layer, parameters={
-                        "name": name, "group": group_of[name], "problem_path": str(problem_path),
-                        "solution_path": str(work / f"{name}.solution.safetensors"), "pattern": str(pattern),
-                        "method": method, "method_config": method_config,
+                for position, (group, members) in enumerate(largest_first):
+                    problem_path = work / f"{group}.problems.safetensors"
+                    _save_group({n: problems[n] for n in members}, problem_path)
+                    futures.append(runner.submit(solve_group, parameters={
+                        "group": group, "names": members, "problem_path": str(problem_path), "work": str(work),
+                        "pattern": str(pattern), "method": method, "method_config": method_config,
                         "device": str(devices[position % len(devices)]), "threads": threads,
-                    })
-                reports = {name: futures[name].result() for name in problems}
+                    }))
+                reports = {r["name"]: r for future in futures for r in future.result()}
             solved = {}
-            for name, report in reports.items():
+            for name in problems:
                 with safe_open(str(work / f"{name}.solution.safetensors"), framework="pt") as handle:
                     weight = handle.get_tensor("weight")
-                solved[name] = (LayerReport(**report), weight)
+                solved[name] = (LayerReport(**reports[name]), weight)
             return solved
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import require
-from ..problem import LayerProblem, ScaledProblem
+from ..problem import GramCache, LayerProblem, ScaledProblem
 from ..result import Callback, CheckRecord, Result, Status
 from ..sparsity import PatternKind, SparsityPattern
 from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dtype, require_version
@@ -68,6 +68,7 @@ def solve(
     config: Config | None = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
     """Run the fixed ``iterations``; ``callback`` gets one CheckRecord per iteration.
 
@@ -78,7 +79,7 @@ def solve(
     start = time.perf_counter()
     check_supported("admm_fixed_mask", problem, pattern, tuple(PatternKind))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
-    scaled = ScaledProblem.build(problem, config.damping, dtype)
+    scaled = ScaledProblem.build(problem, config.damping, dtype, cache)
     H, W0, rho = scaled.Hs, scaled.B0, config.rho
     eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
     factor = torch.linalg.cholesky(H + rho * eye)  # H has unit diagonal: H + rho I is well conditioned

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .. import alps
 from ..admm import RhoSchedule
 from ..config import require, require_version
-from ..problem import LayerProblem
+from ..problem import GramCache, LayerProblem
 from ..result import Callback, Result
 from ..sparsity import SparsityPattern
 
@@ -55,9 +55,10 @@ def solve(
     config: Config | None = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
     config = config or Config()
-    result = alps.solve(problem, pattern, config.as_alps(), callback=callback)
+    result = alps.solve(problem, pattern, config.as_alps(), callback=callback, cache=cache)
     result.method = "admm_fixed_rho"
     result.config = {**result.config, "fixed_rho": config.rho}
     return result

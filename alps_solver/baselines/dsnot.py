@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import require
-from ..problem import LayerProblem
+from ..problem import GramCache, LayerProblem
 from ..result import Callback, CheckRecord, Result, Status
 from ..sparsity import PatternKind, SparsityPattern
 from . import magnitude, wanda
@@ -84,6 +84,7 @@ def solve(
     config: Config | None = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
     """Prune-and-grow from the initial mask; ``callback`` gets one CheckRecord per cycle.
 

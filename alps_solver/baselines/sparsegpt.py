@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import require
-from ..problem import LayerProblem
+from ..problem import GramCache, LayerProblem
 from ..result import Callback, Result
 from ..sparsity import PatternKind, SparsityPattern
 from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dtype, require_version, smallest
@@ -65,6 +65,7 @@ def solve(
     config: Config | None = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
     """One sweep, no callback records."""
     config = config or Config()
@@ -72,7 +73,12 @@ def solve(
     check_supported("sparsegpt", problem, pattern, tuple(PatternKind))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     W = problem.weight.to(dtype).clone()  # (d_out, d_in), updated in place by the sweep
-    U = _inverse_cholesky(problem.gram, W, config.damping)
+    W[:, problem.gram.diagonal().to(dtype) == 0] = 0.0  # dead inputs: their weights never act
+    if cache is None:
+        U = _inverse_cholesky(problem.gram, dtype, config.damping)
+    else:  # layers sharing H share the factor
+        U = cache.get(problem.gram, ("sparsegpt-inverse-cholesky", config.damping, dtype),
+                      lambda: _inverse_cholesky(problem.gram, dtype, config.damping))
     factorised = time.perf_counter()
     pruned = _sweep(W, U, pattern, config.block_size)
     swept = time.perf_counter()
@@ -85,12 +91,11 @@ def solve(
     return result
 
 
-def _inverse_cholesky(gram: torch.Tensor, W: torch.Tensor, damping: float) -> torch.Tensor:
-    """U with H_d^-1 = U^T U (upper triangular), H_d the damped H. Zeroes W's dead columns in place."""
-    H = gram.to(W.dtype).clone()
+def _inverse_cholesky(gram: torch.Tensor, dtype: torch.dtype, damping: float) -> torch.Tensor:
+    """U with H_d^-1 = U^T U (upper triangular), H_d the damped H with a unit diagonal for dead inputs."""
+    H = gram.to(dtype).clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0
     # Damping keeps H_d positive definite when there are fewer tokens than inputs or nearly collinear
     # channels, and bounds the OBS updates (which divide by entries of H^-1).
     H.diagonal().add_(damping * float(H.diagonal().mean()))
@@ -104,7 +109,7 @@ def _inverse_cholesky(gram: torch.Tensor, W: torch.Tensor, damping: float) -> to
             f"sparsegpt: the Gram matrix with damping={damping} is not positive definite; use damping > 0."
         )
     H_inv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(H_inv, upper=True).to(W.dtype)
+    return torch.linalg.cholesky(H_inv, upper=True).to(dtype)
 
 
 def _sweep(W: torch.Tensor, U: torch.Tensor, pattern: SparsityPattern, block_size: int) -> torch.Tensor:

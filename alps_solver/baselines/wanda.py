@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..problem import LayerProblem
+from ..problem import GramCache, LayerProblem
 from ..result import Callback, Result
 from ..sparsity import PatternKind, SparsityPattern
 from ._common import mask_only, require_version, select_per_output
@@ -52,6 +52,7 @@ def solve(
     config: Config | None = None,
     *,
     callback: Callback | None = None,
+    cache: GramCache | None = None,
 ) -> Result:
     """One pass, no callback records. The kept weights are the dense ones, unchanged."""
     return mask_only("wanda", select, problem, pattern, config or Config())

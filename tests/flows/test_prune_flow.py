@@ -265,6 +265,24 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     assert not any((tmp_path / "parallel" / "cache" / "layers").glob("*/*.safetensors"))  # work files removed
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_each_shared_h_is_decomposed_once(prefect_harness, tokenizer, tmp_path, monkeypatch, workers):
+    # q/k/v and gate/up share H: ALPS decomposes each block's four distinct H once, in process or on workers.
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=2)
+    calls = [0]
+    eigh = torch.linalg.eigh
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return eigh(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "eigh", counted)
+    result = prune_model(config_for(model_dir, tmp_path / "run", pattern="0.6", solve_workers=workers))
+    report = json.loads((Path(result["output"]) / "prune_report.json").read_text())
+    groups = {(block["index"], layer["group"]) for block in report["blocks"] for layer in block["layers"]}
+    assert len(groups) == 8 and calls[0] == 8
+
+
 @pytest.mark.parametrize(("threads", "parallel", "expected"), [
     (2, {"runner": "threads", "workers": 2}, 1),
     (8, {"runner": "threads", "workers": 3}, 2),
