@@ -114,7 +114,7 @@ def run_admm(
     H, W0 = scaled.Hs, scaled.B0
     k = max(pattern.kept_count(*W0.shape), 1)
     start = time.perf_counter()
-    inverse = _Inverse(*scaled.gram.eigen)  # computed here, or earlier for another layer with this H
+    inverse = _Inverse(*scaled.scaled_gram.eigen)  # computed here, or earlier for another layer with this H
     if H.is_cuda:  # the eigendecomposition's kernels run asynchronously: wait for them before timing
         torch.cuda.synchronize(H.device)
     eigh_seconds = time.perf_counter() - start

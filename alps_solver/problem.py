@@ -197,31 +197,31 @@ class ScaledProblem:
     B is the same pattern on W.
     """
 
-    gram: ScaledGram  # Hs, s and lambda: shared by problems with the same H
+    scaled_gram: ScaledGram  # Hs, s and lambda (and the eigendecomposition): shared by problems with one H
     B0: torch.Tensor  # (d_out, d_in) scaled dense weights, compute dtype
 
     @classmethod
     def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype,
               cache: GramCache | None = None) -> ScaledProblem:
-        def scaled_gram() -> ScaledGram:
+        def build() -> ScaledGram:
             return ScaledGram.build(problem.gram, damping, dtype)
 
         key = ("scaled-gram", damping, dtype)
-        gram = scaled_gram() if cache is None else cache.get(problem.gram, key, scaled_gram)
-        B0 = problem.weight.to(torch.float64) * gram.scale64[None, :]
-        return cls(gram=gram, B0=B0.to(dtype))
+        scaled_gram = build() if cache is None else cache.get(problem.gram, key, build)
+        B0 = problem.weight.to(torch.float64) * scaled_gram.scale64[None, :]
+        return cls(scaled_gram=scaled_gram, B0=B0.to(dtype))
 
     @property
     def Hs(self) -> torch.Tensor:
-        return self.gram.Hs
+        return self.scaled_gram.Hs
 
     @property
     def scale(self) -> torch.Tensor:
-        return self.gram.scale
+        return self.scaled_gram.scale
 
     @property
     def damping(self) -> float:
-        return self.gram.damping
+        return self.scaled_gram.damping
 
     @cached_property
     def B0Hs(self) -> torch.Tensor:

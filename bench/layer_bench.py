@@ -22,7 +22,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from alps_solver import Result, solve  # noqa: E402
+from alps_solver import LayerProblem, Result, solve  # noqa: E402
 from alps_solver.admm import AdmmOutcome  # noqa: E402
 from alps_solver.problem import gram_matrix_flops  # noqa: E402
 from tasks.adapters import build_block  # noqa: E402
@@ -85,18 +85,32 @@ def admm_flops(result: Result | AdmmOutcome, d_out: int, d_in: int) -> float:
     return 2.0 * d_in * d_in * products * d_out + builds * gram_matrix_flops(d_in, d_in)
 
 
-def matmul_rate(d_out: int, d_in: int, repeats: int = 20) -> float:
+def matmul_rate(d_out: int, d_in: int, device: torch.device = torch.device("cpu"), repeats: int = 20) -> float:
     """Measured GFLOP/s of the ADMM weight step's product (d_out, d_in) x (d_in, d_in), float32."""
-    A, B = torch.randn(d_out, d_in), torch.randn(d_in, d_in)
+    A, B = torch.randn(d_out, d_in, device=device), torch.randn(d_in, d_in, device=device)
     A @ B
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         A @ B
+    synchronize(device)
     return 2 * d_out * d_in * d_in * repeats / (time.perf_counter() - start) / 1e9
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock reads their time."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on_device(problem: LayerProblem, device: torch.device) -> LayerProblem:
+    move = {f: getattr(problem, f).to(device) for f in ("weight", "gram", "input_mean", "input_var")
+            if getattr(problem, f) is not None}
+    return LayerProblem(n_tokens=problem.n_tokens, **move)
+
+
+def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``capture_problems`` (model, calibration, blocks) and of where the solves run."""
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--calibration", default="c4")
     parser.add_argument("--data-dir", default=None)
@@ -104,28 +118,46 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu",
+                        help="where the solves run (cpu, cuda, cuda:1); problems are captured on the CPU, then moved")
+
+
+def solve_device(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads``; the ``--device`` the solves run on, refused if torch cannot see it."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_capture_arguments(parser)
     parser.add_argument("--layers", nargs="+", default=["q_proj", "o_proj", "up_proj", "down_proj"])
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--patterns", nargs="+", default=PATTERNS)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "layer_bench.json"))
     parser.add_argument("--merge", action="store_true",
                         help="add these methods' rows to --output's (same problems and settings otherwise)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device = solve_device(args)
 
     started = time.perf_counter()
-    problems = capture_problems(args)
+    problems = {name: on_device(p, device) for name, p in capture_problems(args).items()}
     print(f"captured {len(problems)} layer problems from blocks {args.blocks} "
           f"({args.nsamples} x {args.seqlen} = {args.nsamples * args.seqlen} tokens of {args.calibration}) "
-          f"in {time.perf_counter() - started:.0f} s", flush=True)
+          f"in {time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
 
     rows = []
     for pattern in args.patterns:
         for method in args.methods:
             errors, seconds, iteration_rates, machine_rates, timings = [], [], [], [], {}
             method_name, method_config = parse_method(method)
+            if device.type == "cuda":  # the first calls on a GPU set up libraries and kernels: keep them out
+                solve(next(iter(problems.values())), pattern, method=method_name, config=method_config)
             for name, problem in problems.items():
                 result = solve(problem, pattern, method=method_name, config=method_config)
                 errors.append(result.rel_error)
@@ -135,7 +167,7 @@ def main() -> None:
                 if method.startswith("alps") and result.iterations:
                     d_out, d_in = problem.weight.shape
                     iteration_rates.append(admm_flops(result, d_out, d_in) / result.timings["admm"] / 1e9)
-                    machine_rates.append(matmul_rate(d_out, d_in))
+                    machine_rates.append(matmul_rate(d_out, d_in, device))
             row = {"method": method, "pattern": pattern, "layers": len(errors),
                    "mean_rel_error": sum(errors) / len(errors), "mean_seconds": sum(seconds) / len(seconds),
                    "mean_timings": timings, "errors": errors, "seconds": seconds}
@@ -149,8 +181,9 @@ def main() -> None:
 
     if args.merge and Path(args.output).is_file():
         previous = json.loads(Path(args.output).read_text())
-        same = ("model", "calibration", "nsamples", "seqlen", "blocks", "layers", "patterns", "threads")
-        changed = [k for k in same if previous["settings"].get(k) != getattr(args, k)]
+        same = ("model", "calibration", "nsamples", "seqlen", "blocks", "layers", "patterns", "threads", "device")
+        # Files written before --device existed were all measured on the CPU.
+        changed = [k for k in same if previous["settings"].get(k, "cpu" if k == "device" else None) != getattr(args, k)]
         if changed:
             raise SystemExit(f"--merge: {args.output} was made with other {changed}; use another --output")
         rows = [r for r in previous["rows"] if r["method"] not in args.methods] + rows

@@ -4,7 +4,8 @@ The unit of work is a group: the layers that read the same input (q/k/v, gate/up
 Each group's problems (H and the input statistics once, every member's W) are written to a safetensors
 file; a ``solve-group`` task loads it on its worker's device, solves the members one after another with
 one ``GramCache`` (so ALPS decomposes the shared H once), and writes each pruned weight to a file of its
-own, returning only the small reports. So the same code runs on a thread pool (default), on Dask
+own, returning only the small reports. A stage with fewer groups than workers is split into one task per
+layer instead, so that no worker idles. So the same code runs on a thread pool (default), on Dask
 (``prefect-dask``, a local cluster or an existing one by address) or on Ray (``prefect-ray``, optional
 extra), and no tensor is ever pickled into a task parameter or result. Solves are deterministic, so the
 pruned weights are identical to a sequential run whatever the runner and worker count.
@@ -87,11 +88,12 @@ def _load_group(path: Path, device: torch.device) -> dict[str, LayerProblem]:
             for key in members}
 
 
-@task(name="solve-group", task_run_name="solve-{group}")
-def solve_group(group: str, names: list[str], problem_path: str, work: str, pattern: str, method: str,
+@task(name="solve-group", task_run_name="solve-{unit}")
+def solve_group(unit: str, group: str, names: list[str], problem_path: str, work: str, pattern: str, method: str,
                 method_config: dict[str, Any] | None, device: str, threads: int | None = None) -> list[dict[str, Any]]:
-    """Solve one group's layers from its file, in ``names`` order, sharing what is derived from their H;
-    write each pruned weight to ``work/<name>.solution.safetensors``."""
+    """Solve layers of ``group`` (``unit``: the group, or the one layer of it this task solves) from their
+    file, in ``names`` order, sharing what is derived from their H; write each pruned weight to
+    ``work/<name>.solution.safetensors``."""
     if threads:
         torch.set_num_threads(threads)
     problems = _load_group(Path(problem_path), torch.device(device))
@@ -107,29 +109,33 @@ def solve_group(group: str, names: list[str], problem_path: str, work: str, patt
 
 def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, method: str,
                       method_config: dict[str, Any] | None, devices: list[torch.device],
-                      threads: int | None = None) -> SolveLayers:
+                      threads: int | None = None, workers: int = 1) -> SolveLayers:
     """A ``SolveLayers`` that submits one ``solve-group`` task per group of layers sharing H to a fresh
-    task runner."""
+    task runner; when a stage has fewer groups than ``workers`` (a true-sequential stage is one group),
+    one task per layer instead, so no worker idles (each such task derives H's factors itself)."""
 
     def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
         work.mkdir(parents=True, exist_ok=True)
-        groups = by_group(problems, group_of)
-        # Largest groups first (a solve costs about d_out d_in^2): with fewer workers than groups, the
-        # longest work then starts at once instead of running alone at the end.
-        def cost(members: list[str]) -> int:
-            return sum(problems[n].d_out * problems[n].d_in ** 2 for n in members)
+        units = [(group, group, members) for group, members in by_group(problems, group_of).items()]
+        if len(units) < workers:
+            units = [(name, group, [name]) for _, group, members in units for name in members]
 
-        largest_first = sorted(groups.items(), key=lambda item: -cost(item[1]))
+        # Largest first (a solve costs about d_out d_in^2): with fewer workers than tasks, the longest
+        # work then starts at once instead of running alone at the end.
+        def cost(unit: tuple[str, str, list[str]]) -> int:
+            return -sum(problems[n].d_out * problems[n].d_in ** 2 for n in unit[2])
+
         try:
             futures = []
             with runner_factory() as runner:
-                for position, (group, members) in enumerate(largest_first):
-                    problem_path = work / f"{group}.problems.safetensors"
+                for position, (unit, group, members) in enumerate(sorted(units, key=cost)):
+                    problem_path = work / f"{unit}.problems.safetensors"
                     _save_group({n: problems[n] for n in members}, problem_path)
                     futures.append(runner.submit(solve_group, parameters={
-                        "group": group, "names": members, "problem_path": str(problem_path), "work": str(work),
-                        "pattern": str(pattern), "method": method, "method_config": method_config,
-                        "device": str(devices[position % len(devices)]), "threads": threads,
+                        "unit": unit, "group": group, "names": members, "problem_path": str(problem_path),
+                        "work": str(work), "pattern": str(pattern), "method": method,
+                        "method_config": method_config, "device": str(devices[position % len(devices)]),
+                        "threads": threads,
                     }))
                 reports = {r["name"]: r for future in futures for r in future.result()}
             solved = {}

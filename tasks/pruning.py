@@ -278,7 +278,7 @@ def solve_block(
         solve_layers = solve_with_runner(
             lambda: make_task_runner(parallel["runner"], parallel["workers"], parallel.get("address")),
             Path(store) / "layers" / key, pattern, solver["method"], solver["config"], worker_devices(target),
-            threads_per_worker(threads, parallel),
+            threads_per_worker(threads, parallel), parallel["workers"],
         )
     reports = prune_block(
         block, block_inputs, pattern, solver["method"], solver["config"],

@@ -265,9 +265,12 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     assert not any((tmp_path / "parallel" / "cache" / "layers").glob("*/*.safetensors"))  # work files removed
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_each_shared_h_is_decomposed_once(prefect_harness, tokenizer, tmp_path, monkeypatch, workers):
-    # q/k/v and gate/up share H: ALPS decomposes each block's four distinct H once, in process or on workers.
+# q/k/v and gate/up share H: ALPS decomposes each block's four distinct H once, in process or on workers;
+# a true-sequential stage is one group, which three workers solve layer by layer (each its own H's factors).
+@pytest.mark.parametrize(("workers", "true_sequential", "per_block"), [(1, False, 4), (2, False, 4), (1, True, 4),
+                                                                     (3, True, 7)])
+def test_each_shared_h_is_decomposed_once_per_task(prefect_harness, tokenizer, tmp_path, monkeypatch, workers,
+                                                   true_sequential, per_block):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=2)
     calls = [0]
     eigh = torch.linalg.eigh
@@ -277,10 +280,16 @@ def test_each_shared_h_is_decomposed_once(prefect_harness, tokenizer, tmp_path, 
         return eigh(*args, **kwargs)
 
     monkeypatch.setattr(torch.linalg, "eigh", counted)
-    result = prune_model(config_for(model_dir, tmp_path / "run", pattern="0.6", solve_workers=workers))
+    result = prune_model(config_for(model_dir, tmp_path / "run", pattern="0.6", solve_workers=workers,
+                                    true_sequential=true_sequential))
     report = json.loads((Path(result["output"]) / "prune_report.json").read_text())
     groups = {(block["index"], layer["group"]) for block in report["blocks"] for layer in block["layers"]}
-    assert len(groups) == 8 and calls[0] == 8
+    assert len(groups) == 8 and calls[0] == 2 * per_block
+    if workers > 1:
+        monkeypatch.setattr(torch.linalg, "eigh", eigh)
+        alone = prune_model(config_for(model_dir, tmp_path / "alone", pattern="0.6", true_sequential=true_sequential))
+        want, got = tensors_of(Path(alone["output"])), tensors_of(Path(result["output"]))
+        assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
 
 
 @pytest.mark.parametrize(("threads", "parallel", "expected"), [
