@@ -25,14 +25,13 @@ is already too large for the problem, so it shrinks and the iteration restarts.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import require
 from .problem import ScaledProblem, gram_matrix
-from .result import Callback, CheckRecord, RhoUpdate, Status
+from .result import Callback, CheckRecord, RhoUpdate, Status, clock
 from .sparsity import SparsityPattern
 
 __all__ = ["RhoSchedule", "AdmmOutcome", "run_admm"]
@@ -113,11 +112,9 @@ def run_admm(
 ) -> AdmmOutcome:
     H, W0 = scaled.Hs, scaled.B0
     k = max(pattern.kept_count(*W0.shape), 1)
-    start = time.perf_counter()
+    start = clock(H.device)
     inverse = _Inverse(*scaled.scaled_gram.eigen)  # computed here, or earlier for another layer with this H
-    if H.is_cuda:  # the eigendecomposition's kernels run asynchronously: wait for them before timing
-        torch.cuda.synchronize(H.device)
-    eigh_seconds = time.perf_counter() - start
+    eigh_seconds = clock(H.device) - start
     W0H = scaled.B0Hs  # (d_out, d_in), constant part of the weight step
     reference = max(float((W0H * W0).sum()), torch.finfo(torch.float64).tiny)
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["Status", "CheckRecord", "RhoUpdate", "BacksolveRecord", "Result", "Callback"]
+__all__ = ["Status", "CheckRecord", "RhoUpdate", "BacksolveRecord", "Result", "Callback", "clock"]
 
 
 class Status(str, Enum):
@@ -51,6 +52,14 @@ class BacksolveRecord:
 
 
 Callback = Callable[[CheckRecord], None]
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` is done: GPU kernels run asynchronously,
+    so without the wait a phase's time would leak into the next one's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 @dataclass

@@ -28,14 +28,13 @@ as in the reference: they change nothing in the objective, and the unit diagonal
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..config import require
 from ..problem import GramCache, LayerProblem
-from ..result import Callback, Result
+from ..result import Callback, Result, clock
 from ..sparsity import PatternKind, SparsityPattern
 from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dtype, require_version, smallest
 
@@ -69,7 +68,7 @@ def solve(
 ) -> Result:
     """One sweep, no callback records."""
     config = config or Config()
-    start = time.perf_counter()
+    start = clock(problem.weight.device)
     check_supported("sparsegpt", problem, pattern, tuple(PatternKind))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     W = problem.weight.to(dtype).clone()  # (d_out, d_in), updated in place by the sweep
@@ -79,9 +78,9 @@ def solve(
     else:  # layers sharing H share the factor
         U = cache.get(problem.gram, ("sparsegpt-inverse-cholesky", config.damping, dtype),
                       lambda: _inverse_cholesky(problem.gram, dtype, config.damping))
-    factorised = time.perf_counter()
+    factorised = clock(problem.weight.device)
     pruned = _sweep(W, U, pattern, config.block_size)
-    swept = time.perf_counter()
+    swept = clock(problem.weight.device)
     mask = ~pruned
     result = finish(
         "sparsegpt", problem, pattern, config, W, mask, start=start,

@@ -350,3 +350,15 @@ def test_gram_matrix_equals_the_full_product(shape, dtype):
     G = gram_matrix(X)
     tolerance = 1e-12 if dtype == torch.float64 else 1e-5
     assert G.dtype == dtype and torch.allclose(G, X.T @ X, rtol=tolerance, atol=tolerance * shape[0])
+
+
+def test_phase_clocks_wait_for_a_gpu(monkeypatch):
+    # GPU kernels run asynchronously: a phase's time is read once the device's queued work is done.
+    from alps_solver.result import clock
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: waited.append(device))
+    clock(torch.device("cpu"))
+    assert waited == []
+    clock(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
