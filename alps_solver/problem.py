@@ -203,11 +203,8 @@ class ScaledProblem:
     @classmethod
     def build(cls, problem: LayerProblem, damping: float, dtype: torch.dtype,
               cache: GramCache | None = None) -> ScaledProblem:
-        def build() -> ScaledGram:
-            return ScaledGram.build(problem.gram, damping, dtype)
-
-        key = ("scaled-gram", damping, dtype)
-        scaled_gram = build() if cache is None else cache.get(problem.gram, key, build)
+        scaled_gram = (cache or GramCache()).get(problem.gram, ("scaled-gram", damping, dtype),
+                                                 lambda: ScaledGram.build(problem.gram, damping, dtype))
         B0 = problem.weight.to(torch.float64) * scaled_gram.scale64[None, :]
         return cls(scaled_gram=scaled_gram, B0=B0.to(dtype))
 

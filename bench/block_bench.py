@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from alps_solver import GramCache, LayerProblem, solve  # noqa: E402
-from bench.layer_bench import add_capture_arguments, capture_problems, solve_device, synchronize  # noqa: E402
+from alps_solver.result import clock  # noqa: E402
+from bench.layer_bench import add_capture_arguments, capture_problems, on_device, solve_device  # noqa: E402
 from tasks.storage import atomic_write_json  # noqa: E402
 
 LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,15 +38,13 @@ def solve_block(problems: dict, method: str, pattern: str, device: torch.device,
     layers that read the same H (the problems of a group hold the very same H tensor)."""
     caches: dict[int, GramCache] = {}
     weights, derived = {}, 0.0
-    synchronize(device)
-    start = time.perf_counter()
+    start = clock(device)
     for name, problem in problems.items():
         cache = caches.setdefault(id(problem.gram), GramCache()) if shared else None
         result = solve(problem, pattern, method=method, cache=cache)
         weights[name] = result.weight
         derived += sum(result.timings.get(phase, 0.0) for phase in DERIVED_FROM_H)
-    synchronize(device)
-    return {"seconds": time.perf_counter() - start, "weights": weights, "derived_seconds": derived}
+    return {"seconds": clock(device) - start, "weights": weights, "derived_seconds": derived}
 
 
 def main() -> None:
@@ -60,16 +59,10 @@ def main() -> None:
 
     started = time.perf_counter()
     args.layers = LAYERS
-    captured = capture_problems(args)
+    captured = on_device(capture_problems(args), device)  # a group's members keep sharing one H tensor
     blocks: dict[int, dict[str, LayerProblem]] = {}
-    inputs: dict[int, dict[str, torch.Tensor]] = {}  # id of a group's H -> its tensors on the device
-    for name, problem in captured.items():  # a group's members keep sharing one H tensor on the device
-        shared = inputs.setdefault(id(problem.gram), {
-            f: getattr(problem, f).to(device) for f in ("gram", "input_mean", "input_var")
-            if getattr(problem, f) is not None})
-        block = int(name[len("block"):name.index(".")])
-        blocks.setdefault(block, {})[name] = LayerProblem(weight=problem.weight.to(device),
-                                                          n_tokens=problem.n_tokens, **shared)
+    for name, problem in captured.items():
+        blocks.setdefault(int(name[len("block"):name.index(".")]), {})[name] = problem
     groups = {b: len({id(p.gram) for p in ps.values()}) for b, ps in blocks.items()}
     print(f"captured {len(captured)} layer problems from blocks {args.blocks} ({groups} distinct H per block) in "
           f"{time.perf_counter() - started:.0f} s; solving on {device}", flush=True)

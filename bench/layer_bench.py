@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO))
 from alps_solver import LayerProblem, Result, solve  # noqa: E402
 from alps_solver.admm import AdmmOutcome  # noqa: E402
 from alps_solver.problem import gram_matrix_flops  # noqa: E402
+from alps_solver.result import clock  # noqa: E402
 from tasks.adapters import build_block  # noqa: E402
 from tasks.adapters import linear_names  # noqa: E402
 from tasks.blocks import collect_layer_problems  # noqa: E402
@@ -89,24 +90,21 @@ def matmul_rate(d_out: int, d_in: int, device: torch.device = torch.device("cpu"
     """Measured GFLOP/s of the ADMM weight step's product (d_out, d_in) x (d_in, d_in), float32."""
     A, B = torch.randn(d_out, d_in, device=device), torch.randn(d_in, d_in, device=device)
     A @ B
-    synchronize(device)
-    start = time.perf_counter()
+    start = clock(device)
     for _ in range(repeats):
         A @ B
-    synchronize(device)
-    return 2 * d_out * d_in * d_in * repeats / (time.perf_counter() - start) / 1e9
+    return 2 * d_out * d_in * d_in * repeats / (clock(device) - start) / 1e9
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued kernels (CUDA runs them asynchronously), so a clock reads their time."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def on_device(problems: dict[str, LayerProblem], device: torch.device) -> dict[str, LayerProblem]:
+    """The problems on ``device``, each tensor moved once: layers that shared an H tensor still do."""
+    moved: dict[int, torch.Tensor] = {}  # id of a tensor -> its copy on the device
 
+    def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else moved.setdefault(id(tensor), tensor.to(device))
 
-def on_device(problem: LayerProblem, device: torch.device) -> LayerProblem:
-    move = {f: getattr(problem, f).to(device) for f in ("weight", "gram", "input_mean", "input_var")
-            if getattr(problem, f) is not None}
-    return LayerProblem(n_tokens=problem.n_tokens, **move)
+    return {name: LayerProblem(weight=move(p.weight), gram=move(p.gram), input_mean=move(p.input_mean),
+                               input_var=move(p.input_var), n_tokens=p.n_tokens) for name, p in problems.items()}
 
 
 def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -149,7 +147,7 @@ def main() -> None:
     device = solve_device(args)
 
     started = time.perf_counter()
-    problems = {name: on_device(p, device) for name, p in capture_problems(args).items()}
+    problems = on_device(capture_problems(args), device)
     print(f"captured {len(problems)} layer problems from blocks {args.blocks} "
           f"({args.nsamples} x {args.seqlen} = {args.nsamples * args.seqlen} tokens of {args.calibration}) "
           f"in {time.perf_counter() - started:.0f} s; solving on {device}", flush=True)

@@ -27,7 +27,7 @@ from .errors import AlpsError
 
 __all__ = [
     "LayerReport", "Solved", "SolveLayers", "by_group", "collect_layer_problems", "discover_groups", "prune_block",
-    "solve_linear",
+    "solve_linear", "solve_members",
 ]
 
 logger = logging.getLogger(__name__)
@@ -245,12 +245,19 @@ def _solve_in_process(pattern: SparsityPattern, method: str, method_config: dict
     def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
         solved: dict[str, Solved] = {}
         for group, members in by_group(problems, group_of).items():
-            cache = GramCache()  # the members share H: whatever a method derives from it is derived once
-            for name in members:
-                solved[name] = solve_linear(name, group, problems[name], pattern, method, method_config, cache)
+            solved.update(solve_members(group, {n: problems[n] for n in members}, pattern, method, method_config))
         return {name: solved[name] for name in problems}
 
     return solve_all
+
+
+def solve_members(group: str, problems: dict[str, LayerProblem], pattern: SparsityPattern, method: str,
+                  method_config: dict[str, Any] | None) -> dict[str, Solved]:
+    """Solve layers of one group, one after another: they share H, so what a method derives from it is
+    derived once (one ``GramCache``)."""
+    cache = GramCache()
+    return {name: solve_linear(name, group, problem, pattern, method, method_config, cache)
+            for name, problem in problems.items()}
 
 
 def by_group(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, list[str]]:

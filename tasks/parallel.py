@@ -24,9 +24,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alps_solver import GramCache, LayerProblem, SparsityPattern
+from alps_solver import LayerProblem, SparsityPattern
 
-from .blocks import LayerReport, Solved, SolveLayers, by_group, solve_linear
+from .blocks import LayerReport, Solved, SolveLayers, by_group, solve_members
 from .errors import SettingError
 from .remote import register_by_reference
 
@@ -97,14 +97,11 @@ def solve_group(unit: str, group: str, names: list[str], problem_path: str, work
     if threads:
         torch.set_num_threads(threads)
     problems = _load_group(Path(problem_path), torch.device(device))
-    cache = GramCache()
-    reports = []
-    for name in names:
-        report, weight = solve_linear(name, group, problems[name], SparsityPattern.parse(pattern), method,
-                                      method_config, cache)
+    solved = solve_members(group, {n: problems[n] for n in names}, SparsityPattern.parse(pattern), method,
+                           method_config)
+    for name, (_, weight) in solved.items():
         save_file({"weight": weight.contiguous().cpu()}, str(Path(work) / f"{name}.solution.safetensors"))
-        reports.append(asdict(report))
-    return reports
+    return [asdict(report) for report, _ in solved.values()]
 
 
 def solve_with_runner(runner_factory, work: Path, pattern: SparsityPattern, method: str,

@@ -68,19 +68,17 @@ def solve(
 ) -> Result:
     """One sweep, no callback records."""
     config = config or Config()
-    start = clock(problem.weight.device)
+    device = problem.weight.device
+    start = clock(device)
     check_supported("sparsegpt", problem, pattern, tuple(PatternKind))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     W = problem.weight.to(dtype).clone()  # (d_out, d_in), updated in place by the sweep
     W[:, problem.gram.diagonal().to(dtype) == 0] = 0.0  # dead inputs: their weights never act
-    if cache is None:
-        U = _inverse_cholesky(problem.gram, dtype, config.damping)
-    else:  # layers sharing H share the factor
-        U = cache.get(problem.gram, ("sparsegpt-inverse-cholesky", config.damping, dtype),
-                      lambda: _inverse_cholesky(problem.gram, dtype, config.damping))
-    factorised = clock(problem.weight.device)
+    U = (cache or GramCache()).get(problem.gram, ("sparsegpt-inverse-cholesky", config.damping, dtype),
+                                   lambda: _inverse_cholesky(problem.gram, dtype, config.damping))
+    factorised = clock(device)
     pruned = _sweep(W, U, pattern, config.block_size)
-    swept = clock(problem.weight.device)
+    swept = clock(device)
     mask = ~pruned
     result = finish(
         "sparsegpt", problem, pattern, config, W, mask, start=start,
