@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from alps_solver import GramCache, LayerProblem, solve  # noqa: E402
 from alps_solver.result import clock  # noqa: E402
-from bench.layer_bench import add_capture_arguments, capture_problems, on_device, solve_device  # noqa: E402
+from bench.layer_bench import add_capture_arguments, block_of, on_device, problems_for, solve_device  # noqa: E402
 from tasks.storage import atomic_write_json  # noqa: E402
 
 LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -59,12 +59,12 @@ def main() -> None:
 
     started = time.perf_counter()
     args.layers = LAYERS
-    captured = on_device(capture_problems(args), device)  # a group's members keep sharing one H tensor
+    captured = on_device(problems_for(args), device)  # a group's members keep sharing one H tensor
     blocks: dict[int, dict[str, LayerProblem]] = {}
     for name, problem in captured.items():
-        blocks.setdefault(int(name[len("block"):name.index(".")]), {})[name] = problem
+        blocks.setdefault(block_of(name), {})[name] = problem
     groups = {b: len({id(p.gram) for p in ps.values()}) for b, ps in blocks.items()}
-    print(f"captured {len(captured)} layer problems from blocks {args.blocks} ({groups} distinct H per block) in "
+    print(f"{'loaded' if args.problems else 'captured'} {len(captured)} layer problems from blocks {args.blocks} ({groups} distinct H per block) in "
           f"{time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
 
     rows = []

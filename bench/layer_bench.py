@@ -26,14 +26,8 @@ from alps_solver import LayerProblem, Result, solve  # noqa: E402
 from alps_solver.admm import AdmmOutcome  # noqa: E402
 from alps_solver.problem import gram_matrix_flops  # noqa: E402
 from alps_solver.result import clock  # noqa: E402
-from tasks.adapters import build_block  # noqa: E402
-from tasks.adapters import linear_names  # noqa: E402
-from tasks.blocks import collect_layer_problems  # noqa: E402
-from tasks.calibration import capture_block_inputs, run_block  # noqa: E402
-from tasks.data import calibration_windows  # noqa: E402
-from tasks.models import locate_model  # noqa: E402
+from bench.problems import load_problems, save_problems  # noqa: E402
 from tasks.storage import atomic_write_json  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask",
            "admm_fixed_rho@rho=0.3", "admm_fixed_rho@rho=3"]
@@ -51,9 +45,50 @@ def parse_method(spec: str) -> tuple[str, dict]:
             config[key] = raw
     return name, config
 PATTERNS = ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"]
+BLOCKS = [0, 15, 29]
+LAYERS = ["q_proj", "o_proj", "up_proj", "down_proj"]
+CAPTURE_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "seed", "blocks", "layers")
 
 
-def capture_problems(args: argparse.Namespace) -> dict[str, object]:
+def problems_for(args: argparse.Namespace) -> dict[str, LayerProblem]:
+    """The layer problems the options name: loaded from ``--problems`` (whose capture settings then replace
+    the command line's), else captured, and written to ``--save-problems`` if given."""
+    if args.problems and args.save_problems:
+        raise SystemExit("--problems and --save-problems: give one (load problems, or capture and save them)")
+    if not args.problems:
+        args.blocks, args.layers = args.blocks or BLOCKS, args.layers or LAYERS
+        problems = capture_problems(args)
+        if args.save_problems:
+            save_problems(args.save_problems, problems, {key: getattr(args, key) for key in CAPTURE_SETTINGS})
+        return problems
+    problems, captured = load_problems(args.problems)
+    blocks, layers = args.blocks or captured["blocks"], args.layers or captured["layers"]
+    for key in CAPTURE_SETTINGS:
+        setattr(args, key, captured.get(key))
+    args.blocks, args.layers = blocks, layers
+    chosen = {name: p for name, p in problems.items()
+              if block_of(name) in blocks and name.rsplit(".", 1)[-1] in layers}
+    missing = [f"block {b} {layer}" for b in blocks for layer in layers
+               if not any(block_of(n) == b and n.rsplit(".", 1)[-1] == layer for n in chosen)]
+    if missing:
+        raise SystemExit(f"--problems {args.problems} lacks {', '.join(missing)} (it holds blocks {captured['blocks']}, "
+                         f"layers {captured['layers']}); capture them with --save-problems")
+    return chosen
+
+
+def block_of(name: str) -> int:
+    return int(name[len("block"):name.index(".")])  # "block15.mlp.up_proj" -> 15
+
+
+def capture_problems(args: argparse.Namespace) -> dict[str, LayerProblem]:
+    """Capture the chosen layers' problems from the bundled model (needs our full stack and the data)."""
+    from tasks.adapters import build_block, linear_names
+    from tasks.blocks import collect_layer_problems
+    from tasks.calibration import capture_block_inputs, run_block
+    from tasks.data import calibration_windows
+    from tasks.models import locate_model
+    from transformers import AutoTokenizer
+
     folder = Path(locate_model(args.model).location)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokens = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -115,10 +150,14 @@ def add_capture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    parser.add_argument("--blocks", type=int, nargs="+", default=[0, 15, 29])
+    parser.add_argument("--blocks", type=int, nargs="+", default=None, help=f"default {BLOCKS}")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu",
                         help="where the solves run (cpu, cuda, cuda:1); problems are captured on the CPU, then moved")
+    parser.add_argument("--save-problems", default=None, metavar="FILE",
+                        help="after capturing, write the problems to FILE (safetensors), for --problems elsewhere")
+    parser.add_argument("--problems", default=None, metavar="FILE",
+                        help="solve the problems in FILE instead of capturing (no model or data needed)")
 
 
 def solve_device(args: argparse.Namespace) -> torch.device:
@@ -137,7 +176,7 @@ def solve_device(args: argparse.Namespace) -> torch.device:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_capture_arguments(parser)
-    parser.add_argument("--layers", nargs="+", default=["q_proj", "o_proj", "up_proj", "down_proj"])
+    parser.add_argument("--layers", nargs="+", default=None, help=f"default {LAYERS}")
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--patterns", nargs="+", default=PATTERNS)
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "layer_bench.json"))
@@ -147,8 +186,8 @@ def main() -> None:
     device = solve_device(args)
 
     started = time.perf_counter()
-    problems = on_device(capture_problems(args), device)
-    print(f"captured {len(problems)} layer problems from blocks {args.blocks} "
+    problems = on_device(problems_for(args), device)
+    print(f"{'loaded' if args.problems else 'captured'} {len(problems)} layer problems from blocks {args.blocks} "
           f"({args.nsamples} x {args.seqlen} = {args.nsamples * args.seqlen} tokens of {args.calibration}) "
           f"in {time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
 

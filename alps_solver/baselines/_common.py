@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict
 from typing import Any, Callable
 
@@ -11,7 +10,7 @@ import torch
 
 from ..config import COMPUTE_DTYPES, require_compute_dtype, require_version
 from ..problem import LayerProblem
-from ..result import CheckRecord, Result, Status
+from ..result import CheckRecord, Result, Status, clock
 from ..sparsity import PatternKind, SparsityPattern
 
 __all__ = [
@@ -112,7 +111,7 @@ def finish(
         mask=mask.to(problem.weight.device),
         status=status,
         rel_error=problem.rel_error(weight),
-        seconds=time.perf_counter() - start,
+        seconds=clock(problem.weight.device) - start,
         iterations=iterations,
         history=list(history or []),
         timings=dict(timings or {}),
@@ -128,7 +127,7 @@ def mask_only(
     config: Any,
 ) -> Result:
     """Prune with the keep-mask ``select`` gives, leaving the kept weights as they are (one pass)."""
-    start = time.perf_counter()
+    start = clock(problem.weight.device)
     check_supported(method, problem, pattern, tuple(PatternKind))
     mask = select(problem, pattern)
     result = finish(method, problem, pattern, config, problem.weight * mask, mask, start=start)

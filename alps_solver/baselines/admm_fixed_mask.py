@@ -22,14 +22,13 @@ columns by norm).
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..config import require
 from ..problem import GramCache, LayerProblem, ScaledProblem
-from ..result import Callback, CheckRecord, Result, Status
+from ..result import Callback, CheckRecord, Result, Status, clock
 from ..sparsity import PatternKind, SparsityPattern
 from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dtype, require_version
 
@@ -76,7 +75,7 @@ def solve(
     rule, so the status is always MAX_ITER (it ran its whole budget).
     """
     config = config or Config()
-    start = time.perf_counter()
+    start = clock(problem.weight.device)
     check_supported("admm_fixed_mask", problem, pattern, tuple(PatternKind))
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     scaled = ScaledProblem.build(problem, config.damping, dtype, cache)
@@ -86,7 +85,7 @@ def solve(
     W0H = scaled.B0Hs  # (d_out, d_in), constant part of the weight step
     reference = max(float((W0H * W0).sum()), torch.finfo(torch.float64).tiny)
     k = max(pattern.kept_count(problem.d_out, problem.d_in), 1)
-    setup = time.perf_counter()
+    setup = clock(problem.weight.device)
 
     W, U = W0.clone(), torch.zeros_like(W0)
     mask = torch.ones_like(W0, dtype=torch.bool)  # dense before the first iteration
@@ -111,7 +110,7 @@ def solve(
         if callback is not None:
             callback(record)
     Z = (W + U) * mask
-    done = time.perf_counter()
+    done = clock(problem.weight.device)
     result = finish(
         "admm_fixed_mask", problem, pattern, config, scaled.unscale(Z), mask, start=start,
         status=Status.MAX_ITER, iterations=config.iterations, history=history,

@@ -38,14 +38,13 @@ described; ``input_channels`` has no per-weight swap and is refused. Needs ``inp
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 import torch
 
 from ..config import require
 from ..problem import GramCache, LayerProblem
-from ..result import Callback, CheckRecord, Result, Status
+from ..result import Callback, CheckRecord, Result, Status, clock
 from ..sparsity import PatternKind, SparsityPattern
 from . import magnitude, wanda
 from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dtype, require_version
@@ -92,7 +91,7 @@ def solve(
     Status CONVERGED when every row stopped before ``max_cycles``, MAX_ITER otherwise.
     """
     config = config or Config()
-    start = time.perf_counter()
+    start = clock(problem.weight.device)
     check_supported("dsnot", problem, pattern, _SUPPORTED)
     if problem.input_mean is None or problem.input_var is None:
         raise ValueError(
@@ -100,9 +99,9 @@ def solve(
             "LayerProblem; build it with LayerProblem.from_inputs or pass them (H alone has no means)."
         )
     initial = _INITIAL[config.initial](problem, pattern)
-    selected = time.perf_counter()
+    selected = clock(problem.weight.device)
     mask, status, cycles, history = _cycles(problem, pattern, initial, config, callback)
-    cycled = time.perf_counter()
+    cycled = clock(problem.weight.device)
 
     # Safety net against rounding in the compute dtype: a row worse than its initial mask goes back to it.
     worse = problem.row_errors(problem.weight * mask) > problem.row_errors(problem.weight * initial)
