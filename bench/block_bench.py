@@ -64,8 +64,8 @@ def main() -> None:
     for name, problem in captured.items():
         blocks.setdefault(block_of(name), {})[name] = problem
     groups = {b: len({id(p.gram) for p in ps.values()}) for b, ps in blocks.items()}
-    print(f"{'loaded' if args.problems else 'captured'} {len(captured)} layer problems from blocks {args.blocks} ({groups} distinct H per block) in "
-          f"{time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
+    print(f"{'loaded' if args.problems else 'captured'} {len(captured)} layer problems from blocks {args.blocks} "
+          f"({groups} distinct H per block) in {time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
 
     rows = []
     for method in args.methods:

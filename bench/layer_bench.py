@@ -62,7 +62,9 @@ def problems_for(args: argparse.Namespace) -> dict[str, LayerProblem]:
             save_problems(args.save_problems, problems, {key: getattr(args, key) for key in CAPTURE_SETTINGS})
         return problems
     problems, captured = load_problems(args.problems)
-    blocks, layers = args.blocks or captured["blocks"], args.layers or captured["layers"]
+    held_blocks = captured.get("blocks") or sorted({block_of(name) for name in problems})
+    held_layers = captured.get("layers") or list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in problems))
+    blocks, layers = args.blocks or held_blocks, args.layers or held_layers
     for key in CAPTURE_SETTINGS:
         setattr(args, key, captured.get(key))
     args.blocks, args.layers = blocks, layers
@@ -71,8 +73,8 @@ def problems_for(args: argparse.Namespace) -> dict[str, LayerProblem]:
     missing = [f"block {b} {layer}" for b in blocks for layer in layers
                if not any(block_of(n) == b and n.rsplit(".", 1)[-1] == layer for n in chosen)]
     if missing:
-        raise SystemExit(f"--problems {args.problems} lacks {', '.join(missing)} (it holds blocks {captured['blocks']}, "
-                         f"layers {captured['layers']}); capture them with --save-problems")
+        raise SystemExit(f"--problems {args.problems} lacks {', '.join(missing)} (it holds blocks {held_blocks}, "
+                         f"layers {held_layers}); capture them with --save-problems")
     return chosen
 
 
@@ -188,7 +190,7 @@ def main() -> None:
     started = time.perf_counter()
     problems = on_device(problems_for(args), device)
     print(f"{'loaded' if args.problems else 'captured'} {len(problems)} layer problems from blocks {args.blocks} "
-          f"({args.nsamples} x {args.seqlen} = {args.nsamples * args.seqlen} tokens of {args.calibration}) "
+          f"({args.nsamples} windows of {args.seqlen} tokens of {args.calibration}) "
           f"in {time.perf_counter() - started:.0f} s; solving on {device}", flush=True)
 
     rows = []
@@ -221,7 +223,8 @@ def main() -> None:
 
     if args.merge and Path(args.output).is_file():
         previous = json.loads(Path(args.output).read_text())
-        same = ("model", "calibration", "nsamples", "seqlen", "blocks", "layers", "patterns", "threads", "device")
+        same = ("model", "calibration", "nsamples", "seqlen", "seed", "blocks", "layers", "patterns", "threads",
+                "device")
         # Files written before --device existed were all measured on the CPU.
         changed = [k for k in same if previous["settings"].get(k, "cpu" if k == "device" else None) != getattr(args, k)]
         if changed:

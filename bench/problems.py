@@ -8,7 +8,7 @@ loading needs only torch, safetensors and ``alps_solver``.
 Each distinct tensor is stored once, and each H as its lower triangle: H is symmetric, so that halves the
 largest tensors (the pipeline's H is float64: the 12 problems of the README's layer bench take 70 MB instead
 of 110), and the lower triangle is the one ``torch.linalg.eigh`` reads. Layers that shared a tensor (a
-group's H and input statistics) share one again after loading, as in the pipeline. The capture's settings
+group's H and input means) share one again after loading, as in the pipeline. The capture's settings
 travel in the file's metadata.
 """
 
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alps_solver import LayerProblem
+from tasks.storage import atomic_write
 
 FORMAT = "alps-layer-problems/1"
 _FIELDS = ("weight", "gram", "input_mean", "input_var")
@@ -31,24 +32,23 @@ def save_problems(path: str | Path, problems: dict[str, LayerProblem], settings:
     """Write ``problems`` (name -> LayerProblem) and the ``settings`` they were captured with to ``path``."""
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
-    stored: dict[tuple[str, int], str] = {}  # (field, id of a tensor) -> its key in the file
+    # (field, id of a tensor) -> its key in the file, and the tensor itself: held, so no id is reused
+    stored: dict[tuple[str, int], tuple[str, torch.Tensor]] = {}
 
     def store(field: str, tensor: torch.Tensor | None) -> str | None:
         if tensor is None:
             return None
         if (field, id(tensor)) not in stored:  # a tensor that layers share (a group's H, its input means) once
-            key = stored[field, id(tensor)] = f"{field}.{sum(1 for f, _ in stored if f == field)}"
+            key = f"{field}.{sum(1 for f, _ in stored if f == field)}"
+            stored[field, id(tensor)] = key, tensor
             tensors[key] = _lower_triangle(tensor) if field == "gram" else tensor.detach().cpu().contiguous()
-        return stored[field, id(tensor)]
+        return stored[field, id(tensor)][0]
 
     index = {name: {**{field: store(field, getattr(problem, field)) for field in _FIELDS},
                     "n_tokens": problem.n_tokens} for name, problem in problems.items()}
     metadata = {"format": FORMAT, "problems": json.dumps(index), "settings": json.dumps(settings)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata=metadata)
-    partial.replace(path)  # never a half-written file under the real name
-    return path
+    # Never a half-written file under the real name, and no temporary one left behind on an error.
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def load_problems(path: str | Path) -> tuple[dict[str, LayerProblem], dict]:
