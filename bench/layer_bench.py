@@ -44,6 +44,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
         except json.JSONDecodeError:
             config[key] = raw
     return name, config
+
+
 PATTERNS = ["0.5", "0.6", "0.7", "0.8", "0.9", "2:4"]
 BLOCKS = [0, 15, 29]
 LAYERS = ["q_proj", "o_proj", "up_proj", "down_proj"]
@@ -63,15 +65,14 @@ def problems_for(args: argparse.Namespace) -> dict[str, LayerProblem]:
         return problems
     problems, captured = load_problems(args.problems)
     held_blocks = captured.get("blocks") or sorted({block_of(name) for name in problems})
-    held_layers = captured.get("layers") or list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in problems))
+    held_layers = captured.get("layers") or list(dict.fromkeys(layer_of(name) for name in problems))
     blocks, layers = args.blocks or held_blocks, args.layers or held_layers
     for key in CAPTURE_SETTINGS:
         setattr(args, key, captured.get(key))
     args.blocks, args.layers = blocks, layers
-    chosen = {name: p for name, p in problems.items()
-              if block_of(name) in blocks and name.rsplit(".", 1)[-1] in layers}
-    missing = [f"block {b} {layer}" for b in blocks for layer in layers
-               if not any(block_of(n) == b and n.rsplit(".", 1)[-1] == layer for n in chosen)]
+    chosen = {name: p for name, p in problems.items() if block_of(name) in blocks and layer_of(name) in layers}
+    present = {(block_of(name), layer_of(name)) for name in chosen}
+    missing = [f"block {b} {layer}" for b in blocks for layer in layers if (b, layer) not in present]
     if missing:
         raise SystemExit(f"--problems {args.problems} lacks {', '.join(missing)} (it holds blocks {held_blocks}, "
                          f"layers {held_layers}); capture them with --save-problems")
@@ -80,6 +81,10 @@ def problems_for(args: argparse.Namespace) -> dict[str, LayerProblem]:
 
 def block_of(name: str) -> int:
     return int(name[len("block"):name.index(".")])  # "block15.mlp.up_proj" -> 15
+
+
+def layer_of(name: str) -> str:
+    return name.rsplit(".", 1)[-1]  # "block15.mlp.up_proj" and "mlp.up_proj" -> "up_proj"
 
 
 def capture_problems(args: argparse.Namespace) -> dict[str, LayerProblem]:
@@ -101,7 +106,7 @@ def capture_problems(args: argparse.Namespace) -> dict[str, LayerProblem]:
     for index in range(max(args.blocks) + 1):
         block = build_block(folder, index, torch.float32, device)
         if index in args.blocks:
-            chosen = [n for n in linear_names(block) if n.split(".")[-1] in args.layers]
+            chosen = [n for n in linear_names(block) if layer_of(n) in args.layers]
             found = collect_layer_problems(block, inputs, chosen, batch_size=4)
             problems.update({f"block{index:02d}.{name}": p for name, p in found.items()})
         inputs.hidden = run_block(block, inputs, batch_size=4)  # dense outputs feed the next block

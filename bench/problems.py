@@ -39,7 +39,7 @@ def save_problems(path: str | Path, problems: dict[str, LayerProblem], settings:
         if tensor is None:
             return None
         if (field, id(tensor)) not in stored:  # a tensor that layers share (a group's H, its input means) once
-            key = f"{field}.{sum(1 for f, _ in stored if f == field)}"
+            key = f"{field}.{len(tensors)}"  # unique: one key per tensor stored
             stored[field, id(tensor)] = key, tensor
             tensors[key] = _lower_triangle(tensor) if field == "gram" else tensor.detach().cpu().contiguous()
         return stored[field, id(tensor)][0]
