@@ -7,8 +7,9 @@ Each method module exposes ``Config`` (a frozen, keyword-only dataclass with a `
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .config import config_from_dict
 from .problem import GramCache, LayerProblem

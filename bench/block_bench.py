@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from alps_solver import GramCache, LayerProblem, solve  # noqa: E402
 from alps_solver.result import clock  # noqa: E402
 from bench.layer_bench import add_capture_arguments, block_of, on_device, problems_for, solve_device  # noqa: E402
-from tasks.storage import atomic_write_json  # noqa: E402
+from tasks.common.files import atomic_write_json  # noqa: E402
 
 LAYERS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DERIVED_FROM_H = ("eigh", "factorize")  # the phases of a solve (Result.timings) that a GramCache can skip
@@ -84,7 +84,8 @@ def main() -> None:
                          "derived_seconds_shared": together["derived_seconds"], "identical": identical,
                          "all_seconds_alone": [run["seconds"] for run in runs[False]],
                          "all_seconds_shared": [run["seconds"] for run in runs[True]]})
-            print(f"{method:12s} block {block:2d}: {alone['seconds']:6.2f} s alone, {together['seconds']:6.2f} s shared "
+            print(f"{method:12s} block {block:2d}: {alone['seconds']:6.2f} s alone, "
+                  f"{together['seconds']:6.2f} s shared "
                   f"({1 - together['seconds'] / alone['seconds']:+.1%}); deriving from H "
                   f"{alone['derived_seconds']:.3f} s -> {together['derived_seconds']:.3f} s; "
                   f"weights identical: {identical}", flush=True)

@@ -56,8 +56,8 @@ WORKER = REPO / "bench" / "llmcompressor_worker.py"
 LAYER_WORKER = REPO / "bench" / "llmcompressor_layers.py"
 
 from bench.processes import ALPS, PPL_SEQLEN, add_calibration_options, measure_perplexity, run_measured  # noqa: E402
-from tasks.prune_config import PruneConfig  # noqa: E402
-from tasks.storage import atomic_write_json, atomic_write_text  # noqa: E402
+from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E402
+from tasks.config.prune import RuntimeConfig  # noqa: E402
 
 OURS, THEIRS = "ours", "llm-compressor"
 # One pattern's runs, tools interleaved; every other pattern runs them in reverse.
@@ -117,7 +117,7 @@ def is_decoder_linear(name: str) -> bool:
 def measure_sparsity(folder: Path, dense: Path) -> dict[str, Any]:
     """Zero fraction over all decoder-layer linear weights of ``folder``, and whether every other tensor is
     bit-identical to ``dense`` (same names, dtypes, shapes, values)."""
-    from tasks.checkpoint import Checkpoint
+    from tasks.model.checkpoint import Checkpoint
 
     pruned, original = Checkpoint(Path(folder)), Checkpoint(Path(dense))
     zeros = total = 0
@@ -367,8 +367,8 @@ def our_versions() -> dict[str, str]:
 
 def materialise_dense(reference: str, work: Path) -> Path:
     """A plain Hugging Face folder of the model in the work folder (copied from the converted/cached one)."""
-    from tasks.models import locate_model
-    from tasks.storage import atomic_directory
+    from tasks.common.files import atomic_directory
+    from tasks.model.references import locate_model
 
     source = Path(locate_model(reference).location)
     if not source.is_dir():
@@ -388,8 +388,8 @@ def save_calibration(dense: Path, args: argparse.Namespace, path: Path) -> str:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
-    from tasks.data import calibration_windows, tokens_sha256
-    from tasks.storage import atomic_write
+    from tasks.common.files import atomic_write
+    from tasks.data.sampling import calibration_windows, tokens_sha256
 
     tokenizer = AutoTokenizer.from_pretrained(dense)
     tokens = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen,
@@ -490,7 +490,7 @@ def sparsegpt_batch_check(dense: Path, args: argparse.Namespace, env: dict[str, 
         shutil.rmtree(folder, ignore_errors=True)
         print(f"SparseGPT batch check: batch size {batch_size}: WikiText-2 {runs[-1]['wikitext2_ppl']:.3f}, "
               f"C4 {runs[-1]['c4_ppl']:.3f}", flush=True)
-    return {"pattern": TARGET_PATTERN, "default_batch_size": PruneConfig.model_fields["batch_size"].default,
+    return {"pattern": TARGET_PATTERN, "default_batch_size": RuntimeConfig.model_fields["batch_size"].default,
             "runs": runs}
 
 
@@ -502,7 +502,7 @@ def sparsegpt_layer_check(python: Path, dense: Path, args: argparse.Namespace, e
 
     from alps_solver import solve
     from bench.layer_bench import capture_problems
-    from tasks.storage import atomic_write
+    from tasks.common.files import atomic_write
 
     capture = argparse.Namespace(model=str(dense), calibration=args.calibration, data_dir=args.data_dir,
                                  nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ALPS = str(Path(sys.executable).with_name("alps"))
 
-from tasks.storage import atomic_write_json  # noqa: E402
+from tasks.common.files import atomic_write_json  # noqa: E402
 
 TASKS = ["piqa", "arc_easy", "arc_challenge", "lambada"]
 PERPLEXITY = ["wikitext2", "ptb", "c4"]

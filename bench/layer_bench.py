@@ -27,7 +27,7 @@ from alps_solver.admm import AdmmOutcome  # noqa: E402
 from alps_solver.problem import gram_matrix_flops  # noqa: E402
 from alps_solver.result import clock  # noqa: E402
 from bench.problems import load_problems, save_problems  # noqa: E402
-from tasks.storage import atomic_write_json  # noqa: E402
+from tasks.common.files import atomic_write_json  # noqa: E402
 
 METHODS = ["alps", "alps-simple", "sparsegpt", "wanda", "magnitude", "dsnot", "admm_fixed_mask",
            "admm_fixed_rho@rho=0.3", "admm_fixed_rho@rho=3"]
@@ -89,12 +89,13 @@ def layer_of(name: str) -> str:
 
 def capture_problems(args: argparse.Namespace) -> dict[str, LayerProblem]:
     """Capture the chosen layers' problems from the bundled model (needs our full stack and the data)."""
-    from tasks.adapters import build_block, linear_names
-    from tasks.blocks import collect_layer_problems
-    from tasks.calibration import capture_block_inputs, run_block
-    from tasks.data import calibration_windows
-    from tasks.models import locate_model
     from transformers import AutoTokenizer
+
+    from tasks.blockwise.capture import capture_block_inputs, run_block
+    from tasks.blockwise.gram import collect_layer_problems
+    from tasks.data.sampling import calibration_windows
+    from tasks.model.adapters import build_block, linear_names
+    from tasks.model.references import locate_model
 
     folder = Path(locate_model(args.model).location)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -205,7 +206,7 @@ def main() -> None:
             method_name, method_config = parse_method(method)
             if device.type == "cuda":  # the first calls on a GPU set up libraries and kernels: keep them out
                 solve(next(iter(problems.values())), pattern, method=method_name, config=method_config)
-            for name, problem in problems.items():
+            for problem in problems.values():
                 result = solve(problem, pattern, method=method_name, config=method_config)
                 errors.append(result.rel_error)
                 seconds.append(result.seconds)
@@ -223,7 +224,8 @@ def main() -> None:
                 row["matmul_gflops"] = sum(machine_rates) / len(machine_rates)
             rows.append(row)
             print(f"{pattern:>5} {method:16s} error {row['mean_rel_error']:.5f}  seconds {row['mean_seconds']:.3f}"
-                  + (f"  ADMM {row['admm_gflops']:.0f} of {row['matmul_gflops']:.0f} GFLOP/s" if iteration_rates else ""),
+                  + (f"  ADMM {row['admm_gflops']:.0f} of {row['matmul_gflops']:.0f} GFLOP/s"
+                     if iteration_rates else ""),
                   flush=True)
 
     if args.merge and Path(args.output).is_file():

@@ -31,9 +31,8 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from safetensors.torch import load_file, save_file
-
     from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+    from safetensors.torch import load_file, save_file
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -199,10 +199,9 @@ def main() -> None:
         return
 
     import torch
+    from llmcompressor import oneshot
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from llmcompressor import oneshot
 
     if args.threads:
         torch.set_num_threads(args.threads)

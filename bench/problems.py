@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from alps_solver import LayerProblem
-from tasks.storage import atomic_write
+from tasks.common.files import atomic_write
 
 FORMAT = "alps-layer-problems/1"
 _FIELDS = ("weight", "gram", "input_mean", "input_var")

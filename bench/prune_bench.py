@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.processes import ALPS, add_calibration_options, measure_perplexity, run_measured  # noqa: E402
-from tasks.storage import atomic_write_json  # noqa: E402
+from tasks.common.files import atomic_write_json  # noqa: E402
 
 # Settings that decide the numbers: a resumed file must have been made with the same ones.
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "ppl_windows", "threads")
@@ -85,7 +85,9 @@ def main() -> None:
     lines = [f"Dense WikiText-2 perplexity: {dense:.2f}", "",
              "| pattern | method | WikiText-2 ppl | mean layer error | wall time (s) | peak RSS (MB) |",
              "|---|---|---|---|---|---|"]
-    for row in sorted(record["runs"], key=lambda r: (args.patterns.index(r["pattern"]), args.methods.index(r["method"]))):
+    order = {(pattern, method): i for i, (pattern, method) in
+             enumerate((p, m) for p in args.patterns for m in args.methods)}
+    for row in sorted(record["runs"], key=lambda r: order[(r["pattern"], r["method"])]):
         lines.append(f"| {row['pattern']} | {row['method']} | {row['wikitext2_ppl']:.2f} | "
                      f"{row['mean_layer_error']:.4f} | {row['wall_seconds']:.0f} | {row['peak_rss_mb'] or 0:.0f} |")
     record["table"] = "\n".join(lines)

@@ -1,70 +1,58 @@
-"""The pruning flow: model -> calibration inputs -> every decoder block -> saved, verified model."""
+"""The pruning flow: model -> calibration inputs -> every decoder block, in order -> saved, verified model."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from prefect import flow
+from prefect.runtime import flow_run
 
 from flows.evaluate import evaluate_model
-from tasks import tracking
-from tasks.prune_config import PruneConfig
-from tasks.pruning import (
-    cached_in,
-    capture_calibration,
-    check_output_folder,
-    check_pattern_fits,
-    effective_seqlen,
+from tasks.blockwise.preflight import check_output_folder, check_pattern_fits
+from tasks.blockwise.report import PruneResult, build_report
+from tasks.config.prune import PruneConfig
+from tasks.evaluate import publish_block_errors
+from tasks.orchestration import flow
+from tasks.prune import (
+    BlockProgress,
+    calibrate,
+    plan_run,
     prepare_model,
-    prune_blocks,
-    prune_report,
     release_activations,
-    run_keys,
     save_pruned_model,
-    store_folder,
+    solve_block_link,
 )
-from tasks.remote import register_by_reference
+from tasks.tracking import runs as tracking
 
 
 def _run_name() -> str:
-    from prefect.runtime import flow_run
-
     config = flow_run.parameters["config"]
-    return tracking.prune_run_name(config if isinstance(config, dict) else config.model_dump())
+    return tracking.prune_run_name(config if isinstance(config, dict) else config.model_dump(mode="json"))
 
 
 @flow(name="prune-model", flow_run_name=_run_name, log_prints=False)
-def prune_model(config: PruneConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None = None) -> PruneResult:
     """Prune ``config.model`` block by block; every step is cached, so a rerun resumes where it stopped.
     One MLflow run (a child of ``parent_run_id`` if given) holds the settings, per-layer results, plots and
     the evaluation of the pruned model."""
-    check_output_folder(config)
-    settings = config.model_dump(mode="json")
+    check_output_folder(config.output)
     model = prepare_model(config.model)
-    check_pattern_fits(model, config.sparsity_pattern)
-    seqlen = effective_seqlen(model, config)
-    keys, store = run_keys(model, config, seqlen), store_folder(config)
-
-    def calibration(refresh: bool) -> dict[str, Any]:
-        capture = cached_in(capture_calibration, store, refresh)
-        return capture(key=keys["calibration"], model=model, calibration=config.calibration,
-                       nsamples=config.nsamples, seqlen=seqlen, seed=config.seed,
-                       data_dir=str(config.data_dir) if config.data_dir else None, device=config.device,
-                       batch_size=config.batch_size, store=str(store), threads=config.threads)
-
+    check_pattern_fits(model, config.solver.pattern)
+    chain, seqlen = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
+    settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-    with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.experiment) as run_id:
-        captured, blocks = prune_blocks(model, calibration, config, keys, store)
-        report = prune_report(model, config, seqlen, blocks, captured)
+    with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment) as run_id:
+        calibration = calibrate(chain.calibration, model, config, seqlen)
+        blocks, progress = [], BlockProgress(len(chain.blocks))
+        for link in chain.blocks:
+            inputs = blocks[-1].outputs if blocks else calibration.inputs
+            blocks.append(solve_block_link(link, model, inputs, config))
+            progress.advance()
+        report = build_report(model, config, seqlen, calibration, blocks)
         output = save_pruned_model(model, blocks, config, report)
-        if not config.keep_activations:
-            release_activations([captured["inputs"]] + [block["outputs"] for block in blocks])
-        result = {"output": output, "run_id": run_id,
-                  **{k: report[k] for k in ("reused_blocks", "computed_blocks", "seconds")}}
-        tracking.log_prune_run(settings, result, output, run_id=run_id, log_model=config.log_model)
-        if config.evaluate:
-            result["evaluation"] = evaluate_model(config.evaluation(output), run_id=run_id)
-    return result
-
-
-register_by_reference(globals())  # Dask/Ray workers import these tasks and flows (see tasks/remote.py)
+        if not config.runtime.keep_activations:
+            release_activations([calibration.inputs] + [block.outputs for block in blocks])
+        record = report.to_json()
+        tracking.log_prune_run(record, output, run_id=run_id, log_model=config.output.log_model)
+        publish_block_errors(record)
+        evaluation = None
+        if config.evaluation is not None:
+            evaluation = evaluate_model(config.evaluate_config(output), run_id=run_id)
+    return PruneResult(output=output, run_id=run_id, report=report, evaluation=evaluation)

@@ -69,9 +69,19 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled SmolLM2 tokenizer (vocabulary 49152): tiny test models use it for real calibration text."""
+    from transformers import AutoTokenizer
+
+    from tasks.model.references import locate_model
+
+    return AutoTokenizer.from_pretrained(locate_model("smollm2-135m").location)
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> tuple[PreTrainedModel, object]:
     """The bundled SmolLM2-135M as (model, tokenizer), float32 on cpu, converted once into the cache."""
-    from tasks.models import load_model
+    from tasks.model.loading import load_model
 
     return load_model("smollm2-135m", dtype=torch.float32, device="cpu")
 

@@ -126,6 +126,6 @@ def test_the_cache_keeps_only_the_latest_h():
     cache = GramCache()
     for seed in range(3):
         problem = group(seed=seed)[0]
-        cache.get(problem.gram, "value", lambda: seed)
+        cache.get(problem.gram, "value", lambda seed=seed: seed)
         assert cache.get(problem.gram, "value", lambda: -1) == seed  # a hit for the H just given
     assert cache.get(group(seed=0)[0].gram, "value", lambda: -1) == -1  # the first H was dropped

@@ -13,7 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from bench.compare_llmcompressor import (
-    OURS, PAIRS, THEIRS, compute_targets, measure_sparsity, render_markdown, run_order, summarise_layer_check,
+    OURS,
+    PAIRS,
+    THEIRS,
+    compute_targets,
+    measure_sparsity,
+    render_markdown,
+    run_order,
+    summarise_layer_check,
 )
 from bench.llmcompressor_worker import check_fed, modifier_arguments, parse_pattern
 

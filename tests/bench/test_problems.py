@@ -209,7 +209,8 @@ def test_both_benches_run_from_a_file(tmp_path, monkeypatch, capsys) -> None:
         layer_bench.main()
 
     output = tmp_path / "blocks.json"
-    monkeypatch.setattr(sys, "argv", ["block_bench", "--problems", str(path), "--threads", "1", "--methods", "sparsegpt",
+    monkeypatch.setattr(sys, "argv", ["block_bench", "--problems", str(path), "--threads", "1",
+                                      "--methods", "sparsegpt",
                                       "--repeats", "1", "--output", str(output)])
     block_bench.main()
     summary = json.loads(output.read_text())["summary"]["sparsegpt"]

@@ -22,7 +22,8 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
-from tests.flows.test_prune_flow import save_model
+from tasks.config.prune import PruneConfig
+from tests.flows.test_prune_flow import config_for, save_model, settings_for
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
@@ -138,7 +139,7 @@ def test_deployments_apply_with_pool_schedule_and_pull_step(deployed, server):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from tasks.models import locate_model
+    from tasks.model.references import locate_model
 
     tokenizer = AutoTokenizer.from_pretrained(locate_model("smollm2-135m").location)
     return save_model(tmp_path_factory.mktemp("deployed-model") / "model", tokenizer)
@@ -147,9 +148,10 @@ def tiny_model(tmp_path_factory) -> Path:
 def test_worker_runs_the_prune_deployment(deployed, server, worker, tiny_model, tmp_path):
     from prefect.deployments import run_deployment
 
-    config = dict(deployed["prune-on-demand"]["parameters"]["config"], model=str(tiny_model), pattern="0.5",
-                  nsamples=4, seqlen=32, device="cpu", batch_size=2, output=str(tmp_path / "pruned"),
-                  cache_dir=str(tmp_path / "cache"))
+    deployed_output = deployed["prune-on-demand"]["parameters"]["config"]["output"]
+    config = PruneConfig(**settings_for(tiny_model, tmp_path, pattern="0.5", evaluate=True, eval_seqlen=32,
+                                        eval_max_windows=1, output=tmp_path / "pruned",
+                                        overwrite=deployed_output["overwrite"])).model_dump(mode="json")
     with _client_for(server):
         run = run_deployment("prune-model/prune-on-demand", parameters={"config": config}, timeout=150,
                              poll_interval=2)
@@ -162,18 +164,16 @@ def test_worker_runs_the_prune_deployment(deployed, server, worker, tiny_model, 
 RUN_FLOW = (
     "import json, sys\n"
     "from flows.prune import prune_model\n"
-    "from tasks.prune_config import PruneConfig\n"
-    "print('RESULT ' + json.dumps(prune_model(PruneConfig.model_validate_json(sys.argv[1]))))\n"
+    "from tasks.config.prune import PruneConfig\n"
+    "print('RESULT ' + prune_model(PruneConfig.model_validate_json(sys.argv[1])).model_dump_json(exclude={'report'}))\n"
 )
 
 
-def _run_flow(env: dict[str, str], config: dict) -> dict:
-    from tasks.prune_config import PruneConfig
-
-    done = subprocess.run([sys.executable, "-c", RUN_FLOW, PruneConfig(**config).model_dump_json()], env=env,
+def _run_flow(env: dict[str, str], config: PruneConfig) -> dict:
+    done = subprocess.run([sys.executable, "-c", RUN_FLOW, config.model_dump_json()], env=env,
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(next(l for l in done.stdout.splitlines() if l.startswith("RESULT "))[len("RESULT "):])
+    return json.loads(next(row for row in done.stdout.splitlines() if row.startswith("RESULT "))[len("RESULT "):])
 
 
 def test_dask_cluster_of_worker_processes_against_the_server_matches_sequential(server, tiny_model, tmp_path,
@@ -181,15 +181,14 @@ def test_dask_cluster_of_worker_processes_against_the_server_matches_sequential(
     from distributed import LocalCluster
     from safetensors.torch import load_file
 
-    base = dict(model=str(tiny_model), pattern="0.6", calibration="pydoc", nsamples=4, seqlen=32, device="cpu",
-                batch_size=2, evaluate=False)
-    sequential = _run_flow(server, dict(base, output=str(tmp_path / "seq"), cache_dir=str(tmp_path / "c1")))
+    sequential = _run_flow(server, config_for(tiny_model, tmp_path, pattern="0.6", output=tmp_path / "seq",
+                                              cache_dir=tmp_path / "c1"))
     for name in ("PREFECT_API_URL", "PYTHONPATH", "PREFECT_HOME"):  # what the worker processes inherit
         monkeypatch.setenv(name, server[name])
     with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster:
-        parallel = _run_flow(server, dict(base, output=str(tmp_path / "dask"), cache_dir=str(tmp_path / "c2"),
-                                          task_runner="dask", solve_workers=2,
-                                          runner_address=cluster.scheduler_address))
+        parallel = _run_flow(server, config_for(tiny_model, tmp_path, pattern="0.6", output=tmp_path / "dask",
+                                                cache_dir=tmp_path / "c2", task_runner="dask", solve_workers=2,
+                                                runner_address=cluster.scheduler_address))
     want = load_file(str(Path(sequential["output"]) / "model.safetensors"))
     got = load_file(str(Path(parallel["output"]) / "model.safetensors"))
     assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)

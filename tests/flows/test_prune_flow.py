@@ -19,20 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from alps_solver import SparsityPattern
 from flows.prune import prune_model
-from tasks.data import calibration_windows, tokens_sha256
-from tasks.errors import AlpsError, DataError, ModelReferenceError
-from tasks.prune_config import PruneConfig
-from tasks.pruning import threads_per_worker
+from tasks.common.errors import AlpsError, DataError, ModelReferenceError
+from tasks.config.prune import PruneConfig, RuntimeConfig
+from tasks.data.sampling import calibration_windows, tokens_sha256
+from tasks.prune import threads_per_worker
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 49152  # the bundled SmolLM2 tokenizer's, used for calibration text
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tasks.models import locate_model
-
-    return AutoTokenizer.from_pretrained(locate_model("smollm2-135m").location)
 
 
 def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hidden: int = 64,
@@ -52,11 +45,36 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
     return folder
 
 
+# Where each setting a test names lives in the nested PruneConfig.
+_SECTIONS = {"method": "solver", "pattern": "solver", "method_config": "solver", "true_sequential": "solver",
+             "gram_dtype": "solver", "calibration": ("calibration", "dataset"), "nsamples": "calibration",
+             "seqlen": "calibration", "seed": "calibration", "device": "runtime", "threads": "runtime",
+             "batch_size": "runtime", "task_runner": "runtime", "solve_workers": "runtime",
+             "runner_address": "runtime", "cache_dir": "runtime", "data_dir": "runtime",
+             "keep_activations": "runtime", "output": ("output", "folder"), "overwrite": "output",
+             "experiment": "output", "log_model": "output", "eval_ppl": ("evaluation", "perplexity"),
+             "eval_tasks": ("evaluation", "tasks"), "eval_limit": ("evaluation", "limit"),
+             "eval_max_windows": ("evaluation", "max_windows"), "eval_seqlen": ("evaluation", "seqlen")}
+
+
+def settings_for(model_dir: Path, tmp: Path, **overrides) -> dict:
+    """PruneConfig fields for a tiny run, with ``overrides`` given by their short names (``nsamples=8``,
+    ``evaluate=True``, ``eval_seqlen=32``)."""
+    flat = dict(method="alps", pattern="0.5", calibration="pydoc", nsamples=4, seqlen=32, device="cpu",
+                output=tmp / "out", cache_dir=tmp / "cache", batch_size=2, evaluate=False)
+    flat.update(overrides)
+    settings: dict = {"model": str(flat.pop("model", model_dir))}
+    evaluate = flat.pop("evaluate")
+    for name, value in flat.items():
+        section, field = _SECTIONS[name] if isinstance(_SECTIONS[name], tuple) else (_SECTIONS[name], name)
+        settings.setdefault(section, {})[field] = value
+    if not evaluate:
+        settings["evaluation"] = None
+    return settings
+
+
 def config_for(model_dir: Path, tmp: Path, **overrides) -> PruneConfig:
-    settings = dict(model=str(model_dir), method="alps", pattern="0.5", calibration="pydoc", nsamples=4, seqlen=32,
-                    device="cpu", output=tmp / "out", cache_dir=tmp / "cache", batch_size=2, evaluate=False)
-    settings.update(overrides)
-    return PruneConfig(**settings)
+    return PruneConfig(**settings_for(model_dir, tmp, **overrides))
 
 
 def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
@@ -76,7 +94,7 @@ def is_block_linear(name: str) -> bool:
 def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, true_sequential):
     model_dir = save_model(tmp_path / "model", tokenizer, kind)
     result = prune_model(config_for(model_dir, tmp_path, pattern=pattern, true_sequential=true_sequential))
-    output = Path(result["output"])
+    output = result.output
 
     reloaded = AutoModelForCausalLM.from_pretrained(output)  # transformers loads it as is
     assert reloaded.config.model_type == kind
@@ -106,43 +124,43 @@ def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, 
     assert report["computed_blocks"] == [0, 1] and report["reused_blocks"] == []
     # The report names the exact calibration windows: the same sampler, settings and tokenizer give its hash.
     windows = calibration_windows("pydoc", AutoTokenizer.from_pretrained(model_dir), nsamples=4, seqlen=32)
-    assert report["calibration"] == {"tokens": 4 * 32, "tokens_sha256": tokens_sha256(windows)}
+    assert report["calibration"] == {"seqlen": 32, "tokens": 4 * 32, "tokens_sha256": tokens_sha256(windows)}
 
 
 def test_rerun_reuses_blocks_and_a_changed_parameter_recomputes(prefect_harness, tokenizer, tmp_path):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
     first = prune_model(config_for(model_dir, tmp_path))
-    weights = tensors_of(Path(first["output"]))
+    weights = tensors_of(first.output)
 
     again = prune_model(config_for(model_dir, tmp_path, overwrite=True))
-    assert again["reused_blocks"] == [0, 1, 2] and again["computed_blocks"] == []
-    assert all(torch.equal(t, weights[n]) for n, t in tensors_of(Path(again["output"])).items())
+    assert again.report.reused_blocks == [0, 1, 2] and again.report.computed_blocks == []
+    assert all(torch.equal(t, weights[n]) for n, t in tensors_of(again.output).items())
 
     changed = prune_model(config_for(model_dir, tmp_path, pattern="0.6", overwrite=True))
-    assert changed["computed_blocks"] == [0, 1, 2]
+    assert changed.report.computed_blocks == [0, 1, 2]
     method = prune_model(config_for(model_dir, tmp_path, pattern="0.6", method="wanda", overwrite=True))
-    assert method["computed_blocks"] == [0, 1, 2]
+    assert method.report.computed_blocks == [0, 1, 2]
 
 
 def test_damaged_cache_file_is_recomputed(prefect_harness, tokenizer, tmp_path):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
     first = prune_model(config_for(model_dir, tmp_path))
-    expected = tensors_of(Path(first["output"]))
+    expected = tensors_of(first.output)
     block_files = sorted((tmp_path / "cache" / "blocks").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
     damaged = block_files[1]
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # truncated
 
     rerun = prune_model(config_for(model_dir, tmp_path, overwrite=True))
-    assert 1 in rerun["computed_blocks"] and 2 in rerun["reused_blocks"]
-    assert all(torch.equal(t, expected[n]) for n, t in tensors_of(Path(rerun["output"])).items())
+    assert 1 in rerun.report.computed_blocks and 2 in rerun.report.reused_blocks
+    assert all(torch.equal(t, expected[n]) for n, t in tensors_of(rerun.output).items())
 
 
 RUN_SCRIPT = textwrap.dedent("""
     import json, sys
     from flows.prune import prune_model
-    from tasks.prune_config import PruneConfig
+    from tasks.config.prune import PruneConfig
     result = prune_model(PruneConfig.model_validate_json(sys.argv[1]))
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + result.model_dump_json(exclude={"report"}))
 """)
 
 
@@ -175,13 +193,13 @@ def test_resume_after_sigkill_is_bit_identical(prefect_harness, tokenizer, tmp_p
     assert not (tmp_path / "resumed" / "out").exists(), "a killed run leaves no output folder"
 
     resumed = prune_model(config)
-    assert 0 in resumed["reused_blocks"] and resumed["computed_blocks"], resumed
-    assert len(resumed["reused_blocks"]) >= len(finished) - 1  # the last file may predate its cache record
+    assert 0 in resumed.report.reused_blocks and resumed.report.computed_blocks, resumed
+    assert len(resumed.report.reused_blocks) >= len(finished) - 1  # the last file may predate its cache record
     # Blocks that had finished were not recomputed: their files are untouched. Only the newest file may be
     # rewritten, when the kill fell between writing it and Prefect recording the task's result.
     for path in sorted(finished, key=finished.get)[:-1]:
         assert path.stat().st_mtime_ns == finished[path], f"{path.name} was rewritten although its block had finished"
-    want, got = tensors_of(Path(reference["output"])), tensors_of(Path(resumed["output"]))
+    want, got = tensors_of(reference.output), tensors_of(resumed.output)
     assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
 
 
@@ -235,7 +253,7 @@ def _peak_rss_kb(model_dir: Path, tmp: Path) -> int:
     done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, config.model_dump_json()], cwd=REPO,
                           env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(l for l in done.stdout.splitlines() if l.startswith("PEAK_RSS_KB"))
+    line = next(row for row in done.stdout.splitlines() if row.startswith("PEAK_RSS_KB"))
     return int(line.split()[1])
 
 
@@ -258,9 +276,9 @@ def test_parallel_layer_solves_match_the_sequential_run(prefect_harness, tokeniz
     sequential = prune_model(config_for(model_dir, tmp_path / "sequential", pattern="0.6", method=method))
     parallel = prune_model(config_for(model_dir, tmp_path / "parallel", pattern="0.6", method=method,
                                       task_runner=runner, solve_workers=workers))
-    want, got = tensors_of(Path(sequential["output"])), tensors_of(Path(parallel["output"]))
+    want, got = tensors_of(sequential.output), tensors_of(parallel.output)
     assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
-    report = json.loads((Path(parallel["output"]) / "prune_report.json").read_text())
+    report = json.loads((parallel.output / "prune_report.json").read_text())
     assert len([layer for block in report["blocks"] for layer in block["layers"]]) == 14
     assert not any((tmp_path / "parallel" / "cache" / "layers").glob("*/*.safetensors"))  # work files removed
 
@@ -282,13 +300,13 @@ def test_each_shared_h_is_decomposed_once_per_task(prefect_harness, tokenizer, t
     monkeypatch.setattr(torch.linalg, "eigh", counted)
     result = prune_model(config_for(model_dir, tmp_path / "run", pattern="0.6", solve_workers=workers,
                                     true_sequential=true_sequential))
-    report = json.loads((Path(result["output"]) / "prune_report.json").read_text())
+    report = json.loads((result.output / "prune_report.json").read_text())
     groups = {(block["index"], layer["group"]) for block in report["blocks"] for layer in block["layers"]}
     assert len(groups) == 8 and calls[0] == 2 * per_block
     if workers > 1:
         monkeypatch.setattr(torch.linalg, "eigh", eigh)
         alone = prune_model(config_for(model_dir, tmp_path / "alone", pattern="0.6", true_sequential=true_sequential))
-        want, got = tensors_of(Path(alone["output"])), tensors_of(Path(result["output"]))
+        want, got = tensors_of(alone.output), tensors_of(result.output)
         assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
 
 
@@ -303,11 +321,17 @@ def test_each_shared_h_is_decomposed_once_per_task(prefect_harness, tokenizer, t
     (None, {"runner": "ray", "workers": 2, "address": "ray://head:10001"}, None),
 ])
 def test_workers_in_this_process_share_its_threads(threads, parallel, expected):
-    assert threads_per_worker(threads, parallel) == expected
+    assert threads_per_worker(runtime_of(threads, parallel)) == expected
 
 
 def test_workers_share_torch_default_threads_when_none_are_set():
-    assert threads_per_worker(None, {"runner": "threads", "workers": 2}) == max(1, torch.get_num_threads() // 2)
+    assert threads_per_worker(runtime_of(None, {"runner": "threads", "workers": 2})) == \
+        max(1, torch.get_num_threads() // 2)
+
+
+def runtime_of(threads, parallel) -> RuntimeConfig:
+    return RuntimeConfig(threads=threads, task_runner=parallel["runner"], solve_workers=parallel["workers"],
+                         runner_address=parallel.get("address"))
 
 
 def test_one_mlflow_run_holds_pruning_and_evaluation(prefect_harness, tokenizer, tmp_path, monkeypatch):
@@ -317,15 +341,15 @@ def test_one_mlflow_run_holds_pruning_and_evaluation(prefect_harness, tokenizer,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model_dir = save_model(tmp_path / "model", tokenizer)
     result = prune_model(config_for(model_dir, tmp_path, evaluate=True, eval_max_windows=2, eval_seqlen=32))
-    assert result["evaluation"]["perplexity"]["pydoc"] > 1  # evaluated on the calibration set's held-out text
-    run = MlflowClient(uri).get_run(result["run_id"])
+    assert result.evaluation.perplexity["pydoc"] > 1  # evaluated on the calibration set's held-out text
+    run = MlflowClient(uri).get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["method"] == "alps" and run.data.tags["pattern"] == "0.5"
-    assert run.data.params["prune.nsamples"] == "4"
+    assert run.data.params["prune.calibration.nsamples"] == "4"
     assert "ppl/pydoc" in run.data.metrics and "prune/mean_rel_error" in run.data.metrics
-    history = MlflowClient(uri).get_metric_history(result["run_id"], "layer/rel_error")
+    history = MlflowClient(uri).get_metric_history(result.run_id, "layer/rel_error")
     assert len(history) == 14 and sorted(m.step for m in history) == list(range(14))
-    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result["run_id"], "plots")}
+    artifacts = {a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "plots")}
     assert {"plots/layer_error.png", "plots/layer_sparsity.png", "plots/solver_history.png"} <= artifacts
 
 
@@ -353,7 +377,7 @@ def test_checkpoint_with_other_tensor_names_is_converted_once(prefect_harness, t
     tensors = load_file(weights)
     save_file({n.removeprefix("model."): t for n, t in tensors.items()}, str(weights), metadata={"format": "pt"})
     result = prune_model(config_for(model_dir, tmp_path, pattern="0.5"))
-    pruned = tensors_of(Path(result["output"]))
+    pruned = tensors_of(result.output)
     assert any(n.startswith("model.decoder.layers.0.") for n in pruned)
     assert SparsityPattern.parse("0.5").violations(pruned["model.decoder.layers.1.fc1.weight"] != 0) == []
-    assert AutoModelForCausalLM.from_pretrained(result["output"]).config.model_type == "opt"
+    assert AutoModelForCausalLM.from_pretrained(result.output).config.model_type == "opt"

@@ -1,0 +1,44 @@
+"""Options several commands share, defined once: the flag, its type and its help. Each command gives the
+default, taken from the settings class it builds (``tasks.config``), so a default is written in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from alps_solver import method_names
+
+ModelOption = Annotated[str, typer.Option(
+    "--model", "-m", help="Model reference: bundled name (smollm2-135m), local Hugging Face folder, .gguf file, "
+    "or hub id org/name[@revision]. See `alps models`.")]
+DataDirOption = Annotated[Optional[Path], typer.Option(
+    "--data-dir", help="Local data root laid out like shared/data (default: $ALPS_DATA_DIR; if neither is set, "
+    "data sets load from the Hugging Face hub).", show_default=False)]
+DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16 or float16.")]
+DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")]
+ThreadsOption = Annotated[Optional[int], typer.Option(
+    "--threads", min=1, help="CPU threads for torch (default: torch's choice).", show_default=False)]
+TrustRemoteCodeOption = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Allow model code from the hub (off unless asked).")]
+ResultsFileOption = Annotated[Optional[Path], typer.Option(
+    "--output", "-o", help="Write the results as JSON to this file (atomic write).", show_default=False)]
+
+MethodOption = Annotated[str, typer.Option("--method", help=", ".join(method_names()) + ".")]
+MethodConfigOption = Annotated[Optional[list[str]], typer.Option(
+    "--config", help="Method setting key=value, repeatable (e.g. max_iter=100, schedule.rho_init=0.3).")]
+CalibrationDatasetOption = Annotated[str, typer.Option(
+    "--calib", help="Calibration data set: c4, wikitext2, pydoc (needs no data root), ...")]
+NsamplesOption = Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.")]
+SeqlenOption = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window (capped by the "
+                                           "model's context).")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Calibration samples per block forward.")]
+CacheDirOption = Annotated[Optional[Path], typer.Option(
+    "--cache-dir", help="The run's cache folder: task results, block weights and activations (default "
+    "$ALPS_CACHE_DIR/runs). A rerun with the same folder resumes.", show_default=False)]
+KeepActivationsOption = Annotated[bool, typer.Option(
+    "--keep-activations", help="Keep the calibration activations after a successful run.")]
+MaxWindowsOption = Annotated[Optional[int], typer.Option(
+    "--max-windows", min=1, help="Score only the first N perplexity windows of each data set.", show_default=False)]

@@ -1,0 +1,150 @@
+"""``alps prune``: the pruning flow from the command line, with a table of the blocks at the end."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from tasks.blockwise.report import PruneResult, block_error_rows
+from tasks.common.errors import SettingError
+from tasks.config.prune import PruneConfig
+from tasks.config.validation import validated
+
+from .base import app, console, parse_overrides, reports_user_errors, split_names
+from .options import (
+    BatchSizeOption,
+    CacheDirOption,
+    CalibrationDatasetOption,
+    DataDirOption,
+    DeviceOption,
+    KeepActivationsOption,
+    MethodConfigOption,
+    MethodOption,
+    ModelOption,
+    NsamplesOption,
+    SeedOption,
+    SeqlenOption,
+    ThreadsOption,
+)
+
+__all__ = ["FLAGS", "prune_command"]
+
+DEFAULT = PruneConfig()
+EVALUATION = DEFAULT.evaluation
+# Where each field of PruneConfig is set on the command line (errors name the flag the user typed).
+FLAGS = {
+    "model": "--model", "solver.method": "--method", "solver.pattern": "--pattern",
+    "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
+    "solver.gram_dtype": "--gram-dtype", "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples",
+    "calibration.seqlen": "--seqlen", "calibration.seed": "--seed", "runtime.device": "--device",
+    "runtime.threads": "--threads", "runtime.batch_size": "--batch-size", "runtime.task_runner": "--task-runner",
+    "runtime.solve_workers": "--solve-workers", "runtime.runner_address": "--runner-address",
+    "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
+    "runtime.keep_activations": "--keep-activations", "output.folder": "--output", "output.overwrite": "--overwrite",
+    "output.experiment": "--experiment", "output.log_model": "--log-model", "evaluation.perplexity": "--eval-ppl",
+    "evaluation.tasks": "--eval-tasks", "evaluation.limit": "--eval-limit",
+    "evaluation.max_windows": "--eval-max-windows", "evaluation.seqlen": "--eval-seqlen",
+}
+
+
+@app.command("prune")
+@reports_user_errors
+def prune_command(
+    model: ModelOption = DEFAULT.model,
+    method: MethodOption = DEFAULT.solver.method,
+    sparsity: Annotated[Optional[float], typer.Option(
+        "--sparsity", help=f"Unstructured sparsity, e.g. 0.7 (same as --pattern 0.7). Default: "
+        f"{DEFAULT.solver.pattern}.", show_default=False)] = None,
+    pattern: Annotated[Optional[str], typer.Option(
+        "--pattern", help="'0.7', '2:4', '4:8', 'rows:0.7' or 'channels:0.5'.", show_default=False)] = None,
+    calib: CalibrationDatasetOption = DEFAULT.calibration.dataset,
+    nsamples: NsamplesOption = DEFAULT.calibration.nsamples,
+    seqlen: SeqlenOption = DEFAULT.calibration.seqlen,
+    seed: SeedOption = DEFAULT.calibration.seed,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the pruned model.")]
+    = DEFAULT.output.folder,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output folder.")]
+    = DEFAULT.output.overwrite,
+    config: MethodConfigOption = None,
+    true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Solve each layer group on the "
+                                                  "outputs of the already pruned groups.")]
+    = DEFAULT.solver.true_sequential,
+    batch_size: BatchSizeOption = DEFAULT.runtime.batch_size,
+    gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")]
+    = DEFAULT.solver.gram_dtype,
+    task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
+                                             "dask or ray (Prefect task runners).")] = DEFAULT.runtime.task_runner,
+    solve_workers: Annotated[int, typer.Option("--solve-workers", min=1, help="Layer solves at once (1: in the "
+                                               "block's own process).")] = DEFAULT.runtime.solve_workers,
+    runner_address: Annotated[Optional[str], typer.Option("--runner-address", help="Existing Dask scheduler or "
+                                                          "Ray cluster address.", show_default=False)] = None,
+    device: DeviceOption = DEFAULT.runtime.device,
+    threads: ThreadsOption = DEFAULT.runtime.threads,
+    cache_dir: CacheDirOption = DEFAULT.runtime.cache_dir,
+    data_dir: DataDirOption = DEFAULT.runtime.data_dir,
+    keep_activations: KeepActivationsOption = DEFAULT.runtime.keep_activations,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the pruned model at the end.")]
+    = DEFAULT.evaluation is not None,
+    eval_ppl: Annotated[Optional[str], typer.Option("--eval-ppl", help="Perplexity data sets, comma-separated "
+                                                    "(default: the calibration set's evaluation text).",
+                                                    show_default=False)] = None,
+    eval_tasks: Annotated[str, typer.Option("--eval-tasks", help="lm-eval tasks, comma-separated, e.g. "
+                                            "piqa,arc_easy ('' for none).")] = ",".join(EVALUATION.tasks),
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Items per lm-eval task.",
+                                                      show_default=False)] = EVALUATION.limit,
+    eval_max_windows: Annotated[Optional[int], typer.Option("--eval-max-windows", help="Score only the first N "
+                                                            "perplexity windows.", show_default=False)]
+    = EVALUATION.max_windows,
+    eval_seqlen: Annotated[int, typer.Option("--eval-seqlen", help="Perplexity window (capped by the model).")]
+    = EVALUATION.seqlen,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT.output.experiment,
+    log_model: Annotated[bool, typer.Option("--log-model", help="Copy the pruned folder into the MLflow run.")]
+    = DEFAULT.output.log_model,
+) -> None:
+    """Prune a model block by block into a Hugging Face folder; a rerun resumes from the cache."""
+    from flows.prune import prune_model
+
+    if sparsity is not None and pattern is not None:
+        raise SettingError("--sparsity/--pattern", f"{sparsity}/{pattern}", "both given",
+                           "give one: --sparsity 0.7 or --pattern 2:4")
+    settings: dict[str, Any] = {
+        "model": model,
+        "solver": {"method": method, "method_config": parse_overrides(config or []), "true_sequential": true_sequential,
+                   "gram_dtype": gram_dtype,
+                   **({"pattern": pattern if pattern is not None else sparsity}
+                      if pattern is not None or sparsity is not None else {})},
+        "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "task_runner": task_runner,
+                    "solve_workers": solve_workers, "runner_address": runner_address, "cache_dir": cache_dir,
+                    "data_dir": data_dir, "keep_activations": keep_activations},
+        "output": {"folder": output, "overwrite": overwrite, "experiment": experiment, "log_model": log_model},
+        "evaluation": {"perplexity": split_names(eval_ppl) if eval_ppl is not None else None,
+                       "tasks": split_names(eval_tasks), "limit": eval_limit, "max_windows": eval_max_windows,
+                       "seqlen": eval_seqlen} if evaluate else None,
+    }
+    run = validated(PruneConfig, settings, names=FLAGS, fix="see `alps prune --help`")
+    print_result(prune_model(run))
+
+
+def print_result(result: PruneResult) -> None:
+    """The table of blocks, the totals, the evaluation's numbers and where the run is tracked."""
+    report = result.report
+    config = report.config
+    table = Table(title=f"{config.model} pruned with {config.solver.method} at {config.solver.pattern}")
+    for column in ("block", "mean error", "worst layer error", "iterations", "seconds", "cached"):
+        table.add_column(column, justify="right")
+    for row in block_error_rows(report.to_json()):
+        table.add_row(str(row["block"]), f"{row['mean_rel_error']:.5f}", f"{row['max_rel_error']:.5f}",
+                      str(row["iterations"]), f"{row['seconds']:.1f}", "yes" if row["cached"] else "")
+    console.print(table)
+    console.print(f"mean layer error {report.mean_rel_error:.5f}; reused {len(report.reused_blocks)} blocks, "
+                  f"computed {len(report.computed_blocks)}; model saved to {result.output}")
+    if result.evaluation:
+        scores = [f"{name} perplexity {value:.3f}" for name, value in result.evaluation.perplexity.items()]
+        scores += [f"{name} accuracy {value:.4f}" for name, value in result.evaluation.accuracy.items()]
+        console.print("pruned model: " + "; ".join(scores))
+    console.print(f"MLflow run {result.run_id} (see `alps runs`, or `mlflow ui --backend-store-uri "
+                  "sqlite:///mlflow.db`)")

@@ -1,0 +1,124 @@
+"""The block chain: a run's cache keys, and how a run resumes from what an earlier one left in the cache.
+
+A run is a chain of links: the calibration capture (the inputs of block 0), then block 0, block 1, ...
+Each link's cache key hashes everything upstream of it, so a key names one exact result:
+
+    calibration = (pipeline version, model fingerprint, calibration settings with the seqlen used, the hash of
+                   the calibration text)
+    block i     = (pipeline version, the key of block i-1 or of the calibration, the solver spec with the
+                   method's full config, i)
+
+A block is *reusable* when its cached result exists and its weights file is intact: a reused block needs no
+inputs. A block that must be solved needs its inputs, the outputs of the block before it; when those are gone
+(released after a finished run, or damaged), the chain walks back to the last link whose outputs are intact
+(or to the calibration inputs) and replays forward from there. ``plan_chain`` decides all of this before
+anything runs, from the cached results alone, so the flow is one loop over the planned links.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..common.files import stable_hash
+from ..config.prune import PruneConfig, SolverSpec
+from .records import BlockResult, CalibrationResult
+
+if TYPE_CHECKING:  # imported for annotations only: loading transformers is slow
+    from ..model.prepared import PreparedModel
+
+__all__ = ["PIPELINE_VERSION", "Action", "BlockChain", "Link", "RunKeys", "plan_chain", "run_keys", "solver_identity"]
+
+# Bump when a change to capture, block solving, reassembly or the layout of the cache keys and records changes
+# results: it is part of every key, so older cache entries are recomputed, never misread.
+PIPELINE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class RunKeys:
+    calibration: str
+    blocks: tuple[str, ...]
+
+
+Action = Literal["reuse", "replay", "compute"]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One step of a run: the result cached under ``key``, reused, replayed (recomputed although it is cached,
+    because its outputs are needed again) or computed (nothing intact is cached)."""
+
+    key: str
+    action: Action
+    index: int | None = None  # the block; None for the calibration capture
+
+    @property
+    def refresh(self) -> bool:
+        """Whether a cached result must be recomputed rather than served."""
+        return self.action != "reuse"
+
+
+@dataclass(frozen=True)
+class BlockChain:
+    calibration: Link
+    blocks: tuple[Link, ...]
+
+    def indices(self, action: Action) -> list[int]:
+        return [link.index for link in self.blocks if link.action == action]
+
+
+def solver_identity(solver: SolverSpec) -> dict:
+    """What of the solver spec decides the weights: the spec with the method's full config (defaults filled
+    in) instead of the overrides the user typed, so two spellings of one config share their cache."""
+    identity = solver.model_dump(mode="json", exclude={"method_config"})
+    return {**identity, "config": asdict(solver.solver_config)}
+
+
+def run_keys(model: PreparedModel, config: PruneConfig, seqlen: int, text_hash: str) -> RunKeys:
+    """The cache keys of a run's calibration capture and of every block; ``seqlen`` is the window length used
+    (the configured one capped by the model) and ``text_hash`` the hash of the calibration text."""
+    calibration_settings = {**config.calibration.model_dump(mode="json"), "seqlen": seqlen}
+    upstream = stable_hash("calibration", PIPELINE_VERSION, model.fingerprint, calibration_settings, text_hash)
+    calibration, blocks = upstream, []
+    solver = solver_identity(config.solver)
+    for index in range(model.num_layers):
+        upstream = stable_hash("block", PIPELINE_VERSION, upstream, solver, index)
+        blocks.append(upstream)
+    return RunKeys(calibration=calibration, blocks=tuple(blocks))
+
+
+def plan_chain(keys: RunKeys, calibration: CalibrationResult | None,
+               blocks: list[BlockResult | None]) -> BlockChain:
+    """The links to run, given the results cached under ``keys`` (None: nothing cached): reusable blocks are
+    reused, the others solved, and the blocks between a solved block and the last intact inputs before it
+    replayed (recomputed for their outputs)."""
+    count = len(keys.blocks)
+    reusable = [block is not None and block.weights.is_intact() for block in blocks]
+    actions: list[Action] = ["reuse" if ok else "compute" for ok in reusable]
+
+    def inputs_intact(index: int) -> bool:
+        if index == 0:
+            return calibration is not None and calibration.inputs.is_intact()
+        upstream = blocks[index - 1]
+        return upstream is not None and upstream.outputs.is_intact()
+
+    recapture = False
+    for index in range(count):
+        if reusable[index]:
+            continue
+        start = index
+        # Walk back over reused blocks whose outputs are gone; a block that runs in this run writes fresh ones.
+        while start > 0 and actions[start - 1] == "reuse" and not inputs_intact(start):
+            start -= 1
+        if start == 0 and not inputs_intact(0):
+            recapture = True
+        for replayed in range(start, index):
+            actions[replayed] = "replay"
+    if calibration is None:
+        capture: Action = "compute"
+    else:
+        capture = "replay" if recapture else "reuse"
+    return BlockChain(
+        calibration=Link(keys.calibration, capture),
+        blocks=tuple(Link(key, actions[i], index=i) for i, key in enumerate(keys.blocks)),
+    )

@@ -1,0 +1,124 @@
+"""The pruned model as a Hugging Face folder: the original checkpoint's files with the pruned blocks' tensors,
+verified, then moved into place in one step.
+
+The output folder is written under a temporary name beside its destination: every non-weight file of the
+source folder (config, tokenizer, generation config) is copied, the safetensors files are rewritten in the
+original layout (same shards, names, dtypes and shapes) with each block's tensors taken from its pruned block
+file, and the result is verified before it is renamed into place: every targeted layer meets the pattern and
+every other tensor is bit-identical to the original. A failed save leaves the previous folder untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from alps_solver import SparsityPattern
+
+from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_write_json
+from ..model.checkpoint import Checkpoint, write_like
+from ..model.prepared import PreparedModel
+from .records import BlockResult, FileRecord
+
+__all__ = ["VerificationError", "release_activations", "write_pruned_model"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+
+
+class VerificationError(RuntimeError):
+    """The saved model breaks the pattern or changed a tensor that was not to be pruned."""
+
+
+def write_pruned_model(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern,
+                       report: dict[str, Any], folder: Path) -> Path:
+    """Write, verify and move the pruned model into ``folder`` (replacing what is there); returns its path.
+    ``report`` (JSON-ready) is written beside the weights as ``prune_report.json``."""
+    source = model.folder
+    output = Path(folder).resolve()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir()
+    try:
+        for item in source.iterdir():
+            if item.is_file() and not _is_weight_file(item.name):
+                shutil.copy2(item, temporary / item.name)
+        pruned_in = {}  # tensor name -> the block file holding its pruned value
+        for block in blocks:
+            with safe_open(str(block.weights.path), framework="pt") as handle:
+                pruned_in.update({name: str(block.weights.path) for name in handle.keys()})
+
+        def replacement(name: str) -> torch.Tensor | None:
+            if name not in pruned_in:
+                return None
+            with safe_open(pruned_in[name], framework="pt") as handle:
+                return handle.get_tensor(name)
+
+        original = Checkpoint(source)
+        write_like(original, temporary, replacement)
+        manifest = _verify(original, Checkpoint(temporary), blocks, pattern)
+        atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
+        atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
+        if output.exists():
+            retired = output.with_name(f".{output.name}.{os.getpid()}.old")
+            os.replace(output, retired)
+            os.replace(temporary, output)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, output)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    return output
+
+
+def release_activations(records: list[FileRecord]) -> int:
+    """Delete calibration activation files once the model is saved (cached block results stay valid: a later
+    run that needs them replays the blocks before it). Returns how many were deleted."""
+    removed = 0
+    for record in records:
+        if record.path.is_file():
+            record.path.unlink()
+            removed += 1
+    return removed
+
+
+def _is_weight_file(name: str) -> bool:
+    """Weight files (and their indexes) of any format: the output gets only the pruned safetensors."""
+    return name.endswith(_WEIGHT_SUFFIXES) or name.endswith(".index.json")
+
+
+def _verify(original: Checkpoint, saved: Checkpoint, blocks: list[BlockResult],
+            pattern: SparsityPattern) -> dict[str, Any]:
+    """Every targeted layer meets the pattern and every other tensor is bit-identical to the original."""
+    targeted: set[str] = set()
+    for block in blocks:
+        with safe_open(str(block.weights.path), framework="pt") as handle:
+            names = list(handle.keys())
+        for layer in block.layers:
+            targeted.add(next(n for n in names if n.endswith(f".{layer.name}.weight")))
+    problems: list[str] = []
+    tensors: dict[str, Any] = {}
+    if sorted(saved.names) != sorted(original.names):
+        problems.append("the saved tensor names differ from the original checkpoint's")
+    for name, tensor in saved.iter_tensors():
+        if name in targeted:
+            issues = pattern.violations(tensor != 0)
+            if issues:
+                problems.append(f"{name}: {'; '.join(issues)}")
+            tensors[name] = {"pattern": str(pattern), "shape": list(tensor.shape),
+                             "sparsity": 1.0 - float((tensor != 0).sum()) / tensor.numel()}
+        elif not torch.equal(tensor, original.tensors([name])[name]):
+            problems.append(f"{name}: changed although it is not a pruned layer")
+    missing = sorted(targeted - set(tensors))
+    if missing:
+        problems.append(f"pruned layers missing from the saved model: {missing[:5]}")
+    if problems:
+        raise VerificationError("the pruned model failed verification: " + " | ".join(problems[:10]))
+    total = sum(t["shape"][0] * t["shape"][1] for t in tensors.values())
+    zeros = sum(t["sparsity"] * t["shape"][0] * t["shape"][1] for t in tensors.values())
+    return {"pattern": str(pattern), "targeted_sparsity": zeros / max(total, 1), "tensors": tensors}

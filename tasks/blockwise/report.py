@@ -1,0 +1,115 @@
+"""The record of a pruning run, built from the flow's results in memory: written into the pruned folder as
+``prune_report.json``, logged to MLflow, and handed back to whoever ran the flow.
+
+``config`` is the run's ``PruneConfig`` as given, so ``PruneConfig.model_validate(report["config"])`` rebuilds
+the run; ``solver_config`` is the method's full config with every default filled in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..config.prune import PruneConfig
+from ..evaluation.summary import EvaluationSummary
+from .chain import PIPELINE_VERSION
+from .records import BlockResult, CalibrationResult, LayerReport
+
+if TYPE_CHECKING:  # imported for annotations only: loading transformers is slow
+    from ..model.prepared import PreparedModel
+
+__all__ = ["BlockReport", "PruneReport", "PruneResult", "block_error_rows", "build_report"]
+
+
+class ModelIdentity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    reference: str
+    fingerprint: str
+    model_type: str
+    num_layers: int
+
+
+class CalibrationRecord(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    seqlen: int  # the window length used: the configured one, capped by the model's context
+    tokens: int
+    tokens_sha256: str
+
+
+class BlockReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    index: int
+    seconds: float
+    memory: dict[str, float]
+    cached: bool
+    layers: list[LayerReport]
+
+
+class PruneReport(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    model: ModelIdentity
+    config: PruneConfig
+    solver_config: dict[str, Any]
+    calibration: CalibrationRecord
+    pipeline_version: int
+    reused_blocks: list[int]
+    computed_blocks: list[int]
+    seconds: float  # the blocks' own time (cached blocks: the time they took when computed)
+    mean_rel_error: float
+    blocks: list[BlockReport]
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data (what ``prune_report.json`` holds)."""
+        return self.model_dump(mode="json")
+
+
+class PruneResult(BaseModel):
+    """What the prune flow returns."""
+
+    model_config = ConfigDict(frozen=True)
+
+    output: Path
+    run_id: str
+    report: PruneReport
+    evaluation: EvaluationSummary | None = None
+
+
+def build_report(model: PreparedModel, config: PruneConfig, seqlen: int, calibration: CalibrationResult,
+                 blocks: list[BlockResult]) -> PruneReport:
+    """The run's report: its settings, the calibration windows used (count and sha256 of the token ids), and
+    per block and layer what the solver did."""
+    layers = [layer for block in blocks for layer in block.layers]
+    return PruneReport(
+        model=ModelIdentity(reference=model.reference, fingerprint=model.fingerprint, model_type=model.model_type,
+                            num_layers=model.num_layers),
+        config=config,
+        solver_config=asdict(config.solver.solver_config),
+        calibration=CalibrationRecord(seqlen=seqlen, tokens=calibration.tokens,
+                                      tokens_sha256=calibration.tokens_sha256),
+        pipeline_version=PIPELINE_VERSION,
+        reused_blocks=[b.index for b in blocks if b.cached],
+        computed_blocks=[b.index for b in blocks if not b.cached],
+        seconds=sum(b.seconds for b in blocks),
+        mean_rel_error=sum(layer.rel_error for layer in layers) / max(len(layers), 1),
+        blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers)
+                for b in blocks],
+    )
+
+
+def block_error_rows(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per block of a report (as JSON): mean and worst relative layer error, iterations, seconds, cached."""
+    rows = []
+    for block in report["blocks"]:
+        errors = [layer["rel_error"] for layer in block["layers"]]
+        rows.append({"block": block["index"], "mean_rel_error": sum(errors) / len(errors),
+                     "max_rel_error": max(errors), "iterations": sum(layer["iterations"] for layer in block["layers"]),
+                     "seconds": block["seconds"], "cached": block.get("cached", False)})
+    return rows

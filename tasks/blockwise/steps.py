@@ -1,0 +1,89 @@
+"""The two steps a run repeats, from files to files: capture the calibration inputs of block 0, and solve one
+block (load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both).
+
+Each step writes its tensors atomically under the run's cache folder, named by the step's cache key, and
+returns a small record pointing at them (``tasks.blockwise.records``). The Prefect tasks in ``tasks/prune.py``
+cache these records; nothing here knows about Prefect.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
+
+from ..common.files import atomic_write
+from ..config.prune import CalibrationConfig, RuntimeConfig, SolverSpec
+from ..data.sampling import calibration_windows, tokens_sha256
+from ..model.adapters import adapter_for, build_block
+from ..model.checkpoint import Checkpoint
+from ..model.loading import resolve_device
+from ..model.prepared import PreparedModel
+from .capture import capture_block_inputs, load_block_inputs, run_block, save_block_inputs
+from .records import BlockResult, CalibrationResult, FileRecord
+from .solve import SolveStage, prune_linears
+
+__all__ = ["StaleInputs", "activation_path", "capture_calibration", "solve_block"]
+
+ACTIVATIONS = "activations"  # where a cache folder keeps block inputs and outputs
+BLOCKS = "blocks"  # where it keeps pruned block weights
+
+
+class StaleInputs(Exception):
+    """A step's input file is missing or does not match its recorded hash; the step that wrote it must rerun."""
+
+
+def activation_path(cache_dir: Path, key: str) -> Path:
+    """The activations file a step with cache ``key`` writes: the inputs of the block after it."""
+    return Path(cache_dir) / ACTIVATIONS / f"{key}.safetensors"
+
+
+def capture_calibration(key: str, model: PreparedModel, calibration: CalibrationConfig, seqlen: int,
+                        runtime: RuntimeConfig, cache_dir: Path) -> CalibrationResult:
+    """Calibration windows through the stem: the inputs of block 0, saved as safetensors."""
+    tokenizer = AutoTokenizer.from_pretrained(model.folder)
+    tokens = calibration_windows(calibration.dataset, tokenizer, nsamples=calibration.nsamples, seqlen=seqlen,
+                                 seed=calibration.seed, data_dir=runtime.data_dir)
+    inputs = capture_block_inputs(model.folder, tokens, device=resolve_device(runtime.device),
+                                  batch_size=runtime.batch_size)
+    path = atomic_write(activation_path(cache_dir, key),
+                        lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
+    return CalibrationResult(inputs=FileRecord.of(path), tokens=calibration.nsamples * seqlen,
+                             tokens_sha256=tokens_sha256(tokens))
+
+
+def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, solver: SolverSpec,
+                runtime: RuntimeConfig, cache_dir: Path, solve_stage: SolveStage | None = None) -> BlockResult:
+    """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs.
+    ``solve_stage`` solves each stage's layer problems (default: in this process)."""
+    if not inputs.is_intact():
+        raise StaleInputs(f"block {index}: input activations {inputs.path} are missing or damaged")
+    started = time.perf_counter()
+    target = resolve_device(runtime.device)
+    if target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+    block = build_block(model.folder, index, torch.float32, target)
+    block_inputs = load_block_inputs(inputs.path, target)
+    layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage)
+    outputs = run_block(block, block_inputs, runtime.batch_size)
+
+    prefix = adapter_for(AutoConfig.from_pretrained(model.folder)).block_prefix(index)
+    stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
+    tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}
+    weights = atomic_write(Path(cache_dir) / BLOCKS / f"{key}.safetensors",
+                           lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    next_inputs = atomic_write(activation_path(cache_dir, key),
+                               lambda p: save_block_inputs(p, outputs.cpu(), block_inputs.kwargs))
+    return BlockResult(index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
+                       layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(target))
+
+
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    memory = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        memory["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory

@@ -1,0 +1,1 @@
+"""The validated settings of every flow (pydantic at the boundary), with every default written once."""

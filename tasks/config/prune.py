@@ -1,0 +1,159 @@
+"""The pruning flow's settings: one validated object in parts, every default written once, here.
+
+    PruneConfig
+      model         what to prune: a bundled name, a local folder, a .gguf file or a hub id
+      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype (the solved weights)
+      calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
+      runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
+      output        OutputConfig: the pruned folder, and the MLflow experiment it is tracked in
+      evaluation    EvaluationSpec or None: what to measure on the pruned model at the end
+
+The command line, the deployments (``deployments/prefect.yaml``) and the sweep take their defaults from
+these classes. A value the user typed is parsed once, here: the pattern travels as a ``SparsityPattern``
+and the method's settings as its frozen solver config. Pydantic lives at this boundary only; the solver
+keeps its own dataclasses.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from alps_solver import SparsityPattern, make_config, method_names
+
+from ..common.files import cache_root
+from .evaluate import EvaluateConfig, EvaluationSpec
+
+__all__ = [
+    "CalibrationConfig",
+    "OutputConfig",
+    "Pattern",
+    "PruneConfig",
+    "RuntimeConfig",
+    "SolverOptions",
+    "SolverSpec",
+]
+
+# A sparsity pattern as a field: parsed from its text form ('0.7', '2:4', 'rows:0.7', 'channels:0.5') on the
+# way in, written back as that text on the way out (JSON, Prefect parameters, MLflow, the prune report).
+Pattern = Annotated[
+    SparsityPattern,
+    PlainValidator(SparsityPattern.parse),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["0.7", "2:4", "rows:0.7", "channels:0.5"]}),
+]
+
+
+class _Settings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SolverOptions(_Settings):
+    """How every layer is solved, apart from the method and pattern (a sweep shares these)."""
+
+    method_config: dict[str, Any] = Field(default_factory=dict, description="overrides of the method's config, "
+                                          "e.g. {'max_iter': 100, 'schedule': {'rho_init': 0.3}}")
+    true_sequential: bool = Field(False, description="solve each layer group on the inputs the pruned groups "
+                                  "before it produce")
+    gram_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of each batch's X^T X "
+                                                      "(summed in float64 either way)")
+
+
+class SolverSpec(SolverOptions):
+    """Everything that decides a block's solved weights, given its inputs."""
+
+    method: str = Field("alps", description="solver method: " + ", ".join(method_names()))
+    pattern: Pattern = Field(SparsityPattern.unstructured(0.7), description="'0.7' (unstructured), '2:4', "
+                             "'rows:0.7' or 'channels:0.5'")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in method_names():
+            raise ValueError(f"method={value!r} is unknown; choose one of {', '.join(method_names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_method_config(self) -> SolverSpec:
+        self.solver_config  # noqa: B018 (builds and caches it; a bad field raises ValueError naming it)
+        return self
+
+    @cached_property
+    def solver_config(self) -> Any:
+        """The method's frozen config: its defaults (and preset) with ``method_config`` on top."""
+        return make_config(self.method, self.method_config)
+
+
+class CalibrationConfig(_Settings):
+    """The calibration data: which text, how many windows of how many tokens, drawn with which seed."""
+
+    dataset: str = Field("c4", description="calibration data set (c4, wikitext2, pydoc, ...)")
+    nsamples: int = Field(128, ge=1, description="calibration windows")
+    seqlen: int = Field(2048, ge=2, description="tokens per window (capped by the model's context)")
+    seed: int = Field(0, description="seed of the window draws")
+
+
+class RuntimeConfig(_Settings):
+    """Where and how a run executes. None of it changes which weights are chosen, except ``batch_size``
+    and thread counts through the order of floating-point sums; none of it is part of the cache keys."""
+
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice); on a loaded "
+                                "2-core machine 1 can be many times faster than 2")
+    batch_size: int = Field(8, ge=1, description="calibration samples per block forward")
+    task_runner: Literal["threads", "dask", "ray"] = Field("threads", description="Prefect task runner for the "
+                                                           "layer solves of a block: thread pool, Dask or Ray")
+    solve_workers: int = Field(1, ge=1, description="layer solves run at once (1: in the block's own process)")
+    runner_address: str | None = Field(None, description="an existing Dask scheduler or Ray cluster address")
+    cache_dir: Path | None = Field(None, description="the run's cache folder (task results, block weights, "
+                                   "activations); default $ALPS_CACHE_DIR/runs")
+    data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR, else the hub")
+    keep_activations: bool = Field(False, description="keep every block's calibration activations after success")
+
+    def resolved_cache_dir(self) -> Path:
+        """``cache_dir``, or its default under the cache root, as an absolute path."""
+        return Path(self.cache_dir or cache_root() / "runs").expanduser().resolve()
+
+
+class OutputConfig(_Settings):
+    """Where the pruned model goes and where the run is tracked."""
+
+    folder: Path = Field(Path("out"), description="folder for the pruned model (save_pretrained layout)")
+    overwrite: bool = Field(False, description="replace a non-empty folder once the new model is complete")
+    experiment: str = Field("alps", description="MLflow experiment")
+    log_model: bool = Field(False, description="copy the pruned folder into the MLflow run (else its path)")
+
+
+class PruneConfig(_Settings):
+    """Everything that decides a pruning run's result, plus where it reads and writes."""
+
+    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    solver: SolverSpec = SolverSpec()
+    calibration: CalibrationConfig = CalibrationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    output: OutputConfig = OutputConfig()
+    evaluation: EvaluationSpec | None = Field(EvaluationSpec(), description="what to measure on the pruned "
+                                              "model (into the same MLflow run); None skips the evaluation")
+
+    def evaluate_config(self, model_folder: Path) -> EvaluateConfig:
+        """The evaluation of the pruned folder that ``evaluation`` asks for, on this run's device and data."""
+        spec = self.evaluation or EvaluationSpec()
+        measures = spec.model_dump(exclude={"perplexity"})
+        return EvaluateConfig(
+            **measures, model=str(model_folder),
+            perplexity=spec.perplexity if spec.perplexity is not None else [self.calibration.dataset],
+            device=self.runtime.device, threads=self.runtime.threads, data_dir=self.runtime.data_dir,
+            experiment=self.output.experiment, log_model=self.output.log_model,
+        )

@@ -1,0 +1,79 @@
+"""The sweep flow's settings: one model, every (method, pattern), shared calibration and runtime settings.
+
+``SweepConfig.plan()`` turns it into one ``PruneConfig`` per configuration, method-major, each writing to
+``output/<method>-<pattern>`` and sharing one cache folder, so the calibration inputs (whose cache key holds
+the model and the calibration settings but not the method or pattern) are captured once.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from alps_solver import SparsityPattern, method_names
+
+from .evaluate import EvaluationSpec
+from .prune import CalibrationConfig, OutputConfig, Pattern, PruneConfig, RuntimeConfig, SolverOptions, SolverSpec
+
+__all__ = ["SweepConfig", "configuration_folder"]
+
+
+def configuration_folder(method: str, pattern: SparsityPattern) -> str:
+    """Subfolder name of one configuration's output: ``alps-0.7``, ``alps-2_4``, ``wanda-rows_0.7``."""
+    return f"{method}-{str(pattern).replace(':', '_')}"
+
+
+class SweepConfig(BaseModel):
+    """Prune one model with every method at every pattern; the other settings are shared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    methods: list[str] = Field(["alps", "sparsegpt", "wanda"], min_length=1, description="solver methods")
+    patterns: list[Pattern] = Field([SparsityPattern.unstructured(0.5), SparsityPattern.unstructured(0.7),
+                                     SparsityPattern.n_m(2, 4)], min_length=1, description="sparsity patterns")
+    solver: SolverOptions = SolverOptions()
+    # Small defaults, so that a nightly sweep of every method on a CPU finishes within the night.
+    calibration: CalibrationConfig = CalibrationConfig(dataset="pydoc", nsamples=16, seqlen=512)
+    runtime: RuntimeConfig = RuntimeConfig(threads=1)
+    output: Path = Field(Path("out/sweep"), description="folder of the sweep: one subfolder per configuration, "
+                         "the summary and the plot")
+    evaluation: EvaluationSpec | None = Field(None, description="what to measure on every pruned model; None: "
+                                              "nothing")
+    concurrency: int = Field(1, ge=1, description="configurations run at a time after the first (which captures "
+                             "the calibration inputs the others reuse)")
+    track: bool = Field(False, description="an MLflow parent run with one child run per configuration")
+    experiment: str = Field("alps", description="MLflow experiment")
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in method_names():
+                raise ValueError(f"method={name!r} is unknown; choose one of {', '.join(method_names())}")
+        return names
+
+    @model_validator(mode="after")
+    def _every_configuration_builds(self) -> SweepConfig:
+        self.plan()  # a bad combination (e.g. a method setting one method lacks) fails now, not mid-sweep
+        return self
+
+    def plan(self) -> list[PruneConfig]:
+        """One PruneConfig per (method, pattern), method-major. Each keeps its activations, so the later ones
+        reuse the first one's calibration capture (the sweep releases what it created at the end), and
+        owns its folder: a rerun (the next night) replaces it."""
+        runtime = self.runtime.model_copy(update={"keep_activations": True})
+        return [
+            PruneConfig(
+                model=self.model,
+                solver=SolverSpec(method=method, pattern=pattern, **self.solver.model_dump()),
+                calibration=self.calibration,
+                runtime=runtime,
+                output=OutputConfig(folder=self.output / configuration_folder(method, pattern), overwrite=True,
+                                    experiment=self.experiment),
+                evaluation=self.evaluation,
+            )
+            for method in self.methods
+            for pattern in self.patterns
+        ]

@@ -1,0 +1,1 @@
+"""Models: references, GGUF conversion, loading, architecture adapters and safetensors checkpoints."""

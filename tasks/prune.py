@@ -1,0 +1,266 @@
+"""The Prefect tasks of the pruning flow (``flows/prune.py``): thin wrappers over ``tasks.blockwise``.
+
+Caching and resume: ``capture_calibration`` and ``solve_block`` are cached under the keys of the run's block
+chain (``tasks.blockwise.chain``), with their records kept in the run's cache folder. ``plan_run`` reads those
+records before anything runs and decides which links are reused, replayed or solved; ``calibrate`` and
+``solve_block_link`` then run one planned link each. A block's layer solves run in the block's own process, or,
+with more than one worker or another task runner, as ``solve-group`` tasks on a Prefect task runner (a thread
+pool, Dask or Ray): their problems travel as files, never as pickled tensors, and the weights are the same
+as in process.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from alps_solver import LayerProblem
+
+from .blockwise import steps
+from .blockwise.chain import BlockChain, Link, plan_chain, run_keys
+from .blockwise.export import release_activations as delete_activations
+from .blockwise.export import write_pruned_model
+from .blockwise.group_files import load_group, save_group
+from .blockwise.records import BlockResult, CalibrationResult, FileRecord, LayerReport
+from .blockwise.report import PruneReport
+from .blockwise.solve import Solved, SolveStage, by_group, solve_group
+from .common.errors import SettingError
+from .config.prune import PruneConfig, RuntimeConfig, SolverSpec
+from .data.sampling import calibration_text_hash, cap_seqlen
+from .model.loading import resolve_device
+from .model.prepared import PreparedModel
+from .model.prepared import prepare_model as prepare
+from .orchestration import cached_in, cached_result, key_parameter, run_logger, task
+
+__all__ = [
+    "BlockProgress",
+    "calibrate",
+    "plan_run",
+    "prepare_model",
+    "release_activations",
+    "save_pruned_model",
+    "solve_block_link",
+    "threads_per_worker",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@task(name="prepare-model")
+def prepare_model(reference: str) -> PreparedModel:
+    """Resolve the reference to a local safetensors folder with a fingerprint (hub: download once)."""
+    return prepare(reference)
+
+
+def plan_run(model: PreparedModel, config: PruneConfig) -> tuple[BlockChain, int]:
+    """The run's block chain, planned from what its cache folder already holds, and the calibration window
+    length used (the configured one, capped by the model's context)."""
+    seqlen = cap_seqlen(config.calibration.seqlen, model.max_positions or None)
+    text_hash = calibration_text_hash(config.calibration.dataset, config.runtime.data_dir)
+    keys = run_keys(model, config, seqlen, text_hash)
+    cache_dir = config.runtime.resolved_cache_dir()
+    chain = plan_chain(keys, cached_result(cache_dir, keys.calibration, CalibrationResult),
+                       [cached_result(cache_dir, key, BlockResult) for key in keys.blocks])
+    reused, replayed, computed = (chain.indices(action) for action in ("reuse", "replay", "compute"))
+    run_logger(logger).info("%d of %d blocks cached%s; %d to solve", len(reused) + len(replayed), len(chain.blocks),
+                            f" ({len(replayed)} replayed first: the inputs of the blocks after them are gone)"
+                            if replayed else "", len(computed))
+    return chain, seqlen
+
+
+# ------------------------------------------------------------------------------------------ calibration
+@task(name="capture-calibration", persist_result=True, cache_key_fn=key_parameter)
+def capture_calibration(key: str, model: PreparedModel, config: PruneConfig, seqlen: int,
+                        cache_dir: Path) -> CalibrationResult:
+    """Calibration windows through the stem: the inputs of block 0, saved as safetensors."""
+    _use_threads(config.runtime.threads)
+    started = time.perf_counter()
+    result = steps.capture_calibration(key, model, config.calibration, seqlen, config.runtime, cache_dir)
+    run_logger(logger).info("calibration: %d x %d tokens of %s in %.1f s", config.calibration.nsamples, seqlen,
+                            config.calibration.dataset, time.perf_counter() - started)
+    return result
+
+
+def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
+    """The calibration inputs cached under ``link``'s key, captured first if not cached (or refreshed)."""
+    cache_dir = config.runtime.resolved_cache_dir()
+    return cached_in(capture_calibration, cache_dir, link.refresh)(
+        key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
+
+
+# ------------------------------------------------------------------------------------------ blocks
+@task(name="solve-block", task_run_name="solve-block-{index:02d}", persist_result=True, cache_key_fn=key_parameter)
+def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, solver: SolverSpec,
+                runtime: RuntimeConfig, cache_dir: Path) -> BlockResult:
+    """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs."""
+    _use_threads(runtime.threads)
+    solve_stage = None
+    if runtime.solve_workers > 1 or runtime.task_runner != "threads":
+        # The runner only changes where the solves run, not their results: it is not part of the key.
+        solve_stage = _solve_on_runner(Path(cache_dir) / "layers" / key, solver, runtime)
+    result = steps.solve_block(key, index, model, inputs, solver, runtime, cache_dir, solve_stage)
+    run_logger(logger).info("block %02d: mean error %.5f, iterations %d, %.1f s, peak memory %.0f MB", index,
+                            result.mean_rel_error, sum(layer.iterations for layer in result.layers), result.seconds,
+                            max(result.memory.values()))
+    return result
+
+
+def solve_block_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
+    """Block ``link.index`` from the cache, or solved on ``inputs`` when it is not cached (or refreshed)."""
+    cache_dir = config.runtime.resolved_cache_dir()
+    state = cached_in(solve_block, cache_dir, link.refresh)(
+        key=link.key, index=link.index, model=model, inputs=inputs, solver=config.solver, runtime=config.runtime,
+        cache_dir=cache_dir, return_state=True)
+    result = state.result()  # raises the task's exception
+    cached = state.name == "Cached"
+    if cached:
+        run_logger(logger).info("block %02d: reused from cache (key %s)", link.index, link.key[:12])
+    return result.model_copy(update={"cached": cached})
+
+
+class BlockProgress:
+    """Progress over a run's blocks: a Prefect progress artifact and a log line with a bar and the time left."""
+
+    WIDTH = 10  # so that the line fits an 80-column terminal beside the log's time and level
+
+    def __init__(self, count: int) -> None:
+        self.count, self.done, self.started = count, 0, time.perf_counter()
+        self.artifact = create_progress_artifact(progress=0.0, key="prune-progress",
+                                                 description=f"blocks pruned of {count}")
+
+    def advance(self) -> None:
+        self.done += 1
+        update_progress_artifact(self.artifact, progress=100.0 * self.done / self.count)
+        elapsed = time.perf_counter() - self.started
+        left = elapsed / self.done * (self.count - self.done)
+        filled = round(self.WIDTH * self.done / self.count)
+        run_logger(logger).info("[%s%s] %d/%d blocks, %.0f s, %.0f s left", "#" * filled,
+                                "-" * (self.WIDTH - filled), self.done, self.count, elapsed, left)
+
+
+# ------------------------------------------------------------------------------------------ save
+@task(name="save-pruned-model", cache_policy=NO_CACHE)
+def save_pruned_model(model: PreparedModel, blocks: list[BlockResult], config: PruneConfig,
+                      report: PruneReport) -> Path:
+    """Write the pruned model as a save_pretrained folder, verify it, then move it into place atomically."""
+    output = write_pruned_model(model, blocks, config.solver.pattern, report.to_json(), config.output.folder)
+    run_logger(logger).info("pruned model saved to %s", output)
+    return output
+
+
+@task(name="release-activations", cache_policy=NO_CACHE)
+def release_activations(records: list[FileRecord]) -> int:
+    """Delete calibration activations once the model is saved (cached block results stay valid)."""
+    return delete_activations(records)
+
+
+# ------------------------------------------------------------------------------------------ parallel solves
+def make_task_runner(runtime: RuntimeConfig):
+    """A Prefect task runner with ``solve_workers`` workers (``runner_address``: an existing Dask or Ray
+    cluster)."""
+    kind, workers, address = runtime.task_runner, runtime.solve_workers, runtime.runner_address
+    if kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    if kind == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if address:
+            return DaskTaskRunner(address=address)
+        # Threads inside one process by default: Dask worker processes each need the Prefect API, which a
+        # temporary local server cannot give them; point `address` at a real cluster for processes on other
+        # machines.
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "processes": False, "threads_per_worker": 1})
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise SettingError("task_runner", kind, "prefect-ray is not installed",
+                               "pip install -e '.[ray]', or use threads or dask") from None
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise SettingError("task_runner", kind, "unknown task runner", "use threads, dask or ray")
+
+
+def threads_per_worker(runtime: RuntimeConfig) -> int | None:
+    """CPU threads for each layer solve. Workers on this machine (a thread pool, Dask's local cluster of
+    threads, a local Ray) share its threads: N workers get 1/N each, so concurrent solves do not
+    oversubscribe the cores. Workers of a cluster at an address keep ``threads``."""
+    if runtime.runner_address:
+        return runtime.threads
+    return max(1, (runtime.threads or torch.get_num_threads()) // runtime.solve_workers)
+
+
+def worker_devices(device: torch.device) -> list[torch.device]:
+    """The devices layer solves are spread over: every visible GPU for cuda, else the one device."""
+    if device.type == "cuda" and device.index is None:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+@task(name="solve-group", task_run_name="solve-{unit}", cache_policy=NO_CACHE)
+def solve_layers(unit: str, group: str, names: list[str], problem_path: Path, work: Path, solver: SolverSpec,
+                 device: str, threads: int | None = None) -> list[LayerReport]:
+    """Solve layers of ``group`` (``unit``: the group, or the one layer of it this task solves) from their
+    file, in ``names`` order, sharing what is derived from their H; write each pruned weight to
+    ``work/<name>.solution.safetensors``."""
+    _use_threads(threads)
+    problems = load_group(problem_path, torch.device(device))
+    solved = solve_group(group, {n: problems[n] for n in names}, solver)
+    for name, (_, weight) in solved.items():
+        save_file({"weight": weight.contiguous().cpu()}, str(work / f"{name}.solution.safetensors"))
+    return [report for report, _ in solved.values()]
+
+
+def _solve_on_runner(work: Path, solver: SolverSpec, runtime: RuntimeConfig) -> SolveStage:
+    """A ``SolveStage`` that submits one ``solve-group`` task per group of layers sharing H to a fresh task
+    runner; when a stage has fewer groups than workers (a true-sequential stage is one group), one task per
+    layer instead, so no worker idles (each such task derives H's factors itself)."""
+    devices = worker_devices(resolve_device(runtime.device))
+    threads, workers = threads_per_worker(runtime), runtime.solve_workers
+
+    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
+        work.mkdir(parents=True, exist_ok=True)
+        units = [(group, group, members) for group, members in by_group(problems, group_of).items()]
+        if len(units) < workers:
+            units = [(name, group, [name]) for _, group, members in units for name in members]
+
+        # Largest first (a solve costs about d_out d_in^2): with fewer workers than tasks, the longest
+        # work then starts at once instead of running alone at the end.
+        def cost(unit: tuple[str, str, list[str]]) -> int:
+            return -sum(problems[n].d_out * problems[n].d_in ** 2 for n in unit[2])
+
+        try:
+            futures = []
+            with make_task_runner(runtime) as runner:
+                for position, (unit, group, members) in enumerate(sorted(units, key=cost)):
+                    problem_path = work / f"{unit}.problems.safetensors"
+                    save_group({n: problems[n] for n in members}, problem_path)
+                    futures.append(runner.submit(solve_layers, parameters={
+                        "unit": unit, "group": group, "names": members, "problem_path": problem_path, "work": work,
+                        "solver": solver, "device": str(devices[position % len(devices)]), "threads": threads,
+                    }))
+                reports = {report.name: report for future in futures for report in future.result()}
+            solved = {}
+            for name in problems:
+                with safe_open(str(work / f"{name}.solution.safetensors"), framework="pt") as handle:
+                    weight = handle.get_tensor("weight")
+                solved[name] = (reports[name], weight)
+            return solved
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    return solve_all
+
+
+def _use_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count for this task (None leaves torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
