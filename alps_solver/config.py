@@ -1,4 +1,4 @@
-"""Helpers shared by the solver configs: field validation and conversion from/to plain dicts.
+"""Helpers shared by the solver configs: field validation and conversion from plain dicts.
 
 Every method's config is a frozen, keyword-only dataclass validated in ``__post_init__`` with a
 ``version`` field; these helpers keep the error messages uniform (field, value, what is allowed).
@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 
 __all__ = [
-    "COMPUTE_DTYPES", "require", "require_version", "require_compute_dtype", "config_from_dict", "config_to_dict",
+    "COMPUTE_DTYPES", "require", "require_version", "require_compute_dtype", "config_from_dict",
 ]
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -55,7 +55,3 @@ def config_from_dict(cls: type[C], data: dict[str, Any] | C | None) -> C:
             value = config_from_dict(kind, value)
         values[name] = value
     return cls(**values)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)

@@ -7,7 +7,6 @@ Each method module exposes ``Config`` (a frozen, keyword-only dataclass with a `
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -107,5 +106,3 @@ def solve(
     result.method = method
     return result
 
-
-SolveFn = Callable[..., Result]

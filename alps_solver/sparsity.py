@@ -5,7 +5,7 @@ A pattern describes which entries of a weight matrix W of shape (d_out, d_in) ma
 - ``unstructured(s)``: a fraction ``s`` of all entries of the layer is zero.
 - ``per_row(s)``: every output row has the same fraction ``s`` of zeros.
 - ``n_m(n, m)``: in every group of ``m`` consecutive inputs of a row, ``n`` entries are kept.
-- ``input_channels(s)``: a fraction ``s`` of whole input columns is zero.
+- ``input_channels(s)`` (written ``channels:s``): a fraction ``s`` of whole input columns is zero.
 
 Text form (``SparsityPattern.parse`` and ``str(pattern)``): ``"0.7"``, ``"rows:0.7"``, ``"2:4"``,
 ``"channels:0.5"``; the spelled-out forms ``"unstructured(0.7)"``, ``"per_row(0.7)"``, ``"n_m(2, 4)"`` and
@@ -81,10 +81,6 @@ class SparsityPattern:
     @classmethod
     def n_m(cls, n: int, m: int) -> SparsityPattern:
         return cls(PatternKind.N_M, n=n, m=m)
-
-    @classmethod
-    def input_channels(cls, sparsity: float) -> SparsityPattern:
-        return cls(PatternKind.INPUT_CHANNELS, sparsity=sparsity)
 
     @classmethod
     def parse(cls, text: str | float | SparsityPattern) -> SparsityPattern:
@@ -201,10 +197,6 @@ class SparsityPattern:
             if int(columns.sum()) > want:
                 problems.append(f"{int(columns.sum())} input channels used, at most {want} allowed")
         return problems
-
-    def is_satisfied_by(self, weight_or_mask: torch.Tensor) -> bool:
-        mask = weight_or_mask if weight_or_mask.dtype == torch.bool else weight_or_mask != 0
-        return not self.violations(mask)
 
 
 def _topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
