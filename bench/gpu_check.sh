@@ -1,21 +1,16 @@
 #!/usr/bin/env bash
-# The GPU check of the solver's time targets (issue 3: ALPS at most 3x SparseGPT's time per layer,
-# alps-simple at most 1x), as one short command for a GPU machine lent through the `device` tool.
-#
-# That machine runs its own Python (torch, safetensors; no GGUF support, none of our data, no Prefect), so
-# the real layer problems are captured here first, into an ignored file that the run carries (55 MB: the
-# seven linear layers of blocks 0 and 29 of SmolLM2-135M, 32 x 512 tokens of C4 train; a tree travels
-# only up to 64 MiB, so carry this one file):
+# The solver's time on a GPU: the layer bench (ALPS, alps-simple and SparseGPT at six patterns) and the block
+# bench, as one command for a GPU machine that has only torch and safetensors (no GGUF support, no data, no
+# Prefect). The real layer problems are captured first on a machine with the whole stack, into one file
+# (55 MB: the seven linear layers of blocks 0 and 29 of SmolLM2-135M, 32 x 512 tokens of C4 train):
 #
 #   python bench/layer_bench.py --data-dir ../shared/data --nsamples 32 --seqlen 512 --blocks 0 29 \
 #       --layers q_proj k_proj v_proj o_proj gate_proj up_proj down_proj --methods sparsegpt --patterns 0.7 \
 #       --save-problems bench/.problems/smollm2-c4-32x512-b0-29.safetensors --output /tmp/capture.json
 #
-# then, through the device tool: run(command="bash bench/gpu_check.sh",
-# carry=["bench/.problems/smollm2-c4-32x512-b0-29.safetensors"], timeout_s=420): on this machine's CPU the
-# whole check takes 3.3 minutes, and the lease's 15 minutes include starting the machine. It writes JSON
-# and logs under $OUT. The same problems solved here on the CPU (`bash bench/gpu_check.sh PROBLEMS cpu`)
-# give the reference the GPU's errors should match.
+# then, on the GPU machine, with that file beside the tree: bash bench/gpu_check.sh [PROBLEMS] [DEVICE]
+# (about 3.3 minutes on a 2-core CPU). It writes JSON and logs under $OUT. The same problems solved on a CPU
+# (DEVICE cpu) give the reference the GPU's errors should match.
 set -uo pipefail
 problems=${1:-bench/.problems/smollm2-c4-32x512-b0-29.safetensors}
 device=${2:-cuda}

@@ -1,9 +1,9 @@
 """Layer problems in one safetensors file, so a bench can solve them where the model cannot be loaded.
 
-A GPU machine lent to a session runs its own Python stack (no GGUF support, none of our data, no Prefect) and
-takes a working tree of 64 MiB at most. So the problems are captured here (``layer_bench.py
---save-problems FILE``), the file travels with the tree, and the solves run there (``--problems FILE``);
-loading needs only torch, safetensors and ``alps_solver``.
+A GPU machine may have only torch and safetensors (no GGUF support, none of our data, no Prefect). So the
+problems are captured where the whole stack is (``layer_bench.py --save-problems FILE``), the file is
+copied over, and the solves run there (``--problems FILE``); loading needs only torch, safetensors and
+``alps_solver``.
 
 Each distinct tensor is stored once, and each H as its lower triangle: H is symmetric, so that halves the
 largest tensors (the pipeline's H is float64: the 12 problems of the README's layer bench take 70 MB instead

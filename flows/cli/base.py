@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import platform
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -32,6 +33,15 @@ console = Console()
 error_console = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Defaults for the libraries' own settings, unless the environment sets them: no telemetry look-ups (offline
+# they fail, and Prefect's prints a traceback from its temporary server), and time for that server to start
+# on a busy machine (Prefect's 20 s is too tight on two cores).
+LIBRARY_DEFAULTS = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
 
 
 def split_names(value: str) -> list[str]:
@@ -91,6 +101,8 @@ def main(
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
     """One-shot LLM pruning with ALPS (ADMM + PCG) as a Prefect pipeline tracked in MLflow."""
+    for name, value in LIBRARY_DEFAULTS.items():
+        os.environ.setdefault(name, value)
     logging.basicConfig(
         level=log_level.upper(),
         format="%(message)s",
