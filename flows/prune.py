@@ -23,7 +23,7 @@ from tasks.tracking import runs as tracking
 
 
 def _run_name() -> str:
-    config = flow_run.parameters["config"]
+    config = flow_run.parameters.get("config") or PruneConfig()
     return tracking.prune_run_name(config if isinstance(config, dict) else config.model_dump(mode="json"))
 
 
