@@ -9,7 +9,7 @@ block solves of prune_report.json). Every model, dense included, is then evaluat
 ``alps ppl`` (WikiText-2 and C4, windows of 2048 tokens), and its achieved sparsity is read from the saved
 weights, checking that nothing but the decoder linears changed.
 
-Calibration windows are drawn once here with ``tasks.data.calibration_windows`` and saved to
+Calibration windows are drawn once here with ``tasks.data.sampling.calibration_windows`` and saved to
 ``WORK/calibration.safetensors`` for llm-compressor (``bench/llmcompressor_worker.py``, run with the
 python of llm-compressor's own virtual environment, created and installed when missing). Our runs draw
 them with the same function; their prune_report.json records the sha256 of the windows used, and a

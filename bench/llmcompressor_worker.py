@@ -105,7 +105,7 @@ def modifier_arguments(method: str, pattern: str, variant: str = "none") -> tupl
 
 
 def tokens_sha256(tokens) -> str:
-    """sha256 of the token ids as contiguous int64 bytes: the same hash as our ``tasks.data.tokens_sha256``
+    """sha256 of the token ids as contiguous int64 bytes: the same hash as our ``tasks.data.sampling.tokens_sha256``
     (this worker runs in another environment and cannot import it)."""
     import torch
 

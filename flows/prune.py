@@ -35,17 +35,16 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
     check_output_folder(config.output)
     model = prepare_model(config.model)
     check_pattern_fits(model, config.solver.pattern)
-    chain, seqlen = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
+    chain = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
     settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment) as run_id:
-        calibration = calibrate(chain.calibration, model, config, seqlen)
+        calibration = calibrate(chain, model, config)
         blocks, progress = [], BlockProgress(len(chain.blocks))
-        for link in chain.blocks:
-            inputs = blocks[-1].outputs if blocks else calibration.inputs
-            blocks.append(solve_block_link(link, model, inputs, config))
+        for link in chain.blocks:  # each on the outputs of the blocks before it
+            blocks.append(solve_block_link(link, model, calibration, blocks, config))
             progress.advance()
-        report = build_report(model, config, seqlen, calibration, blocks)
+        report = build_report(model, config, calibration, blocks)
         output = save_pruned_model(model, blocks, config, report)
         if not config.runtime.keep_activations:
             release_activations([calibration.inputs] + [block.outputs for block in blocks])

@@ -2,7 +2,7 @@
 
 Library code lives in subpackages that never import Prefect or ``flows`` (a test enforces it):
 
-- ``common``: user errors, files (atomic writes, content hashes, file records, the cache root);
+- ``common``: user errors, files (atomic writes, content hashes, the cache root);
 - ``config``: the validated settings of every flow, and every default;
 - ``model``: model references, GGUF conversion, loading, architecture adapters, checkpoints;
 - ``data``: the named data sets, their loaders, calibration sampling;

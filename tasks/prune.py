@@ -1,12 +1,13 @@
 """The Prefect tasks of the pruning flow (``flows/prune.py``): thin wrappers over ``tasks.blockwise``.
 
-Caching and resume: ``capture_calibration`` and ``solve_block`` are cached under the keys of the run's block
-chain (``tasks.blockwise.chain``), with their records kept in the run's cache folder. ``plan_run`` reads those
-records before anything runs and decides which links are reused, replayed or solved; ``calibrate`` and
-``solve_block_link`` then run one planned link each. A block's layer solves run in the block's own process, or,
-with more than one worker or another task runner, as ``solve-group`` tasks on a Prefect task runner (a thread
-pool, Dask or Ray): their problems travel as files, never as pickled tensors, and the weights are the same
-as in process.
+Each task is the cached, logged form of the library step of the same name (``tasks.blockwise.steps``,
+``tasks.model.prepared``). Caching and resume: ``capture_calibration`` and ``solve_block`` are cached under the
+keys of the run's block chain (``tasks.blockwise.chain``), with their records kept in the run's cache folder.
+``plan_run`` reads those records before anything runs and decides which links are reused, replayed or solved;
+``calibrate`` and ``solve_block_link`` then run one planned link each. A block's layer solves run in the
+block's own process, or, with more than one worker or another task runner, as ``solve-from-file`` tasks on a
+Prefect task runner (a thread pool, Dask or Ray): their problems travel as files, never as pickled tensors,
+and the weights are the same as in process.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .blockwise.group_files import load_group, save_group
 from .blockwise.records import BlockResult, CalibrationResult, FileRecord, LayerReport
 from .blockwise.report import PruneReport
 from .blockwise.solve import Solved, SolveStage, by_group, solve_group
+from .blockwise.steps import StaleInputs
 from .common.errors import SettingError
 from .config.prune import PruneConfig, RuntimeConfig, SolverSpec
 from .data.sampling import calibration_text_hash, cap_seqlen
@@ -61,9 +63,8 @@ def prepare_model(reference: str) -> PreparedModel:
     return prepare(reference)
 
 
-def plan_run(model: PreparedModel, config: PruneConfig) -> tuple[BlockChain, int]:
-    """The run's block chain, planned from what its cache folder already holds, and the calibration window
-    length used (the configured one, capped by the model's context)."""
+def plan_run(model: PreparedModel, config: PruneConfig) -> BlockChain:
+    """The run's block chain, planned from what its cache folder already holds."""
     seqlen = cap_seqlen(config.calibration.seqlen, model.max_positions or None)
     text_hash = calibration_text_hash(config.calibration.dataset, config.runtime.data_dir)
     keys = run_keys(model, config, seqlen, text_hash)
@@ -74,7 +75,7 @@ def plan_run(model: PreparedModel, config: PruneConfig) -> tuple[BlockChain, int
     run_logger(logger).info("%d of %d blocks cached%s; %d to solve", len(reused) + len(replayed), len(chain.blocks),
                             f" ({len(replayed)} replayed first: the inputs of the blocks after them are gone)"
                             if replayed else "", len(computed))
-    return chain, seqlen
+    return chain
 
 
 # ------------------------------------------------------------------------------------------ calibration
@@ -90,8 +91,13 @@ def capture_calibration(key: str, model: PreparedModel, config: PruneConfig, seq
     return result
 
 
-def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
-    """The calibration inputs cached under ``link``'s key, captured first if not cached (or refreshed)."""
+def calibrate(chain: BlockChain, model: PreparedModel, config: PruneConfig) -> CalibrationResult:
+    """The calibration inputs cached under the chain's calibration key, captured first if not cached (or
+    refreshed)."""
+    return _calibrate(chain.calibration, model, config, chain.seqlen)
+
+
+def _calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
     cache_dir = config.runtime.resolved_cache_dir()
     return cached_in(capture_calibration, cache_dir, link.refresh)(
         key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
@@ -114,8 +120,25 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     return result
 
 
-def solve_block_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
-    """Block ``link.index`` from the cache, or solved on ``inputs`` when it is not cached (or refreshed)."""
+def solve_block_link(link: Link, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],
+                     config: PruneConfig) -> BlockResult:
+    """Block ``link.index`` from the cache, or solved on its inputs: the outputs of the last of ``blocks`` (the
+    blocks before it, in order), or the calibration inputs for block 0.
+
+    The chain was planned so that those inputs exist. If they vanished since (another run on the same cache
+    folder released them), they are rebuilt by replaying the blocks before it from the last inputs still
+    intact; the replays write the same files, since every step is deterministic.
+    """
+    inputs = blocks[-1].outputs if blocks else calibration.inputs
+    try:
+        return _solve_block(link, model, inputs, config)
+    except StaleInputs:
+        run_logger(logger).warning("block %02d: its inputs vanished after the run was planned; replaying the "
+                                   "blocks before it", link.index)
+    return _solve_block(link, model, _rebuild_inputs(link.index, model, calibration, blocks, config), config)
+
+
+def _solve_block(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
     cache_dir = config.runtime.resolved_cache_dir()
     state = cached_in(solve_block, cache_dir, link.refresh)(
         key=link.key, index=link.index, model=model, inputs=inputs, solver=config.solver, runtime=config.runtime,
@@ -125,6 +148,23 @@ def solve_block_link(link: Link, model: PreparedModel, inputs: FileRecord, confi
     if cached:
         run_logger(logger).info("block %02d: reused from cache (key %s)", link.index, link.key[:12])
     return result.model_copy(update={"cached": cached})
+
+
+def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],
+                    config: PruneConfig) -> FileRecord:
+    """The inputs of block ``index``, recomputed from the last intact inputs before it."""
+    start = index
+    while start > 0 and not blocks[start - 1].outputs.is_intact():
+        start -= 1
+    if start > 0:
+        inputs = blocks[start - 1].outputs
+    elif calibration.inputs.is_intact():
+        inputs = calibration.inputs
+    else:
+        inputs = _calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen).inputs
+    for replayed in blocks[start:index]:
+        inputs = _solve_block(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
+    return inputs
 
 
 class BlockProgress:
@@ -205,8 +245,8 @@ def worker_devices(device: torch.device) -> list[torch.device]:
     return [device]
 
 
-@task(name="solve-group", task_run_name="solve-{unit}", cache_policy=NO_CACHE)
-def solve_layers(unit: str, group: str, names: list[str], problem_path: Path, work: Path, solver: SolverSpec,
+@task(name="solve-from-file", task_run_name="solve-{unit}", cache_policy=NO_CACHE)
+def solve_from_file(unit: str, group: str, names: list[str], problem_path: Path, work: Path, solver: SolverSpec,
                  device: str, threads: int | None = None) -> list[LayerReport]:
     """Solve layers of ``group`` (``unit``: the group, or the one layer of it this task solves) from their
     file, in ``names`` order, sharing what is derived from their H; write each pruned weight to
@@ -220,7 +260,7 @@ def solve_layers(unit: str, group: str, names: list[str], problem_path: Path, wo
 
 
 def _solve_on_runner(work: Path, solver: SolverSpec, runtime: RuntimeConfig) -> SolveStage:
-    """A ``SolveStage`` that submits one ``solve-group`` task per group of layers sharing H to a fresh task
+    """A ``SolveStage`` that submits one ``solve-from-file`` task per group of layers sharing H to a fresh task
     runner; when a stage has fewer groups than workers (a true-sequential stage is one group), one task per
     layer instead, so no worker idles (each such task derives H's factors itself)."""
     devices = worker_devices(resolve_device(runtime.device))
@@ -243,7 +283,7 @@ def _solve_on_runner(work: Path, solver: SolverSpec, runtime: RuntimeConfig) -> 
                 for position, (unit, group, members) in enumerate(sorted(units, key=cost)):
                     problem_path = work / f"{unit}.problems.safetensors"
                     save_group({n: problems[n] for n in members}, problem_path)
-                    futures.append(runner.submit(solve_layers, parameters={
+                    futures.append(runner.submit(solve_from_file, parameters={
                         "unit": unit, "group": group, "names": members, "problem_path": problem_path, "work": work,
                         "solver": solver, "device": str(devices[position % len(devices)]), "threads": threads,
                     }))

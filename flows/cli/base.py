@@ -19,8 +19,8 @@ from rich.logging import RichHandler
 
 from tasks.common.errors import AlpsError, SettingError
 
-__all__ = ["app", "console", "environment", "error_console", "parse_overrides", "reports_user_errors",
-           "split_names"]
+__all__ = ["app", "console", "environment", "error_console", "method_overrides", "parse_overrides",
+           "reports_user_errors", "split_names"]
 
 app = typer.Typer(
     name="alps",
@@ -65,6 +65,21 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = value
+    return overrides
+
+
+def method_overrides(pairs: list[str], methods: list[str]) -> dict[str, Any]:
+    """``--config`` pairs as a method-config dict, checked against the config of each of ``methods``."""
+    from alps_solver import make_config, method_names
+
+    overrides = parse_overrides(pairs)
+    for method in methods:
+        if overrides and method in method_names():  # an unknown method is reported by its own option
+            try:
+                make_config(method, overrides)
+            except ValueError as error:
+                raise SettingError("--config", " ".join(pairs), f"for {method}: {error}".rstrip("."),
+                                   "see the method's fields in the message, or drop the setting") from None
     return overrides
 
 

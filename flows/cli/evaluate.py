@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from tasks.config.defaults import DEFAULT_EXPERIMENT
 from tasks.config.evaluate import EvaluateConfig
 from tasks.config.validation import validated
 
@@ -66,8 +67,8 @@ def eval_command(
         **measures, "model": model, "limit": limit, "seqlen": seqlen, "max_windows": max_windows,
         "batch_size": batch_size, "dtype": dtype, "device": device, "threads": threads, "data_dir": data_dir,
         "log_model": log_model, "experiment": experiment, "trust_remote_code": trust_remote_code,
-    }, names={"perplexity": "--ppl", "max_windows": "--max-windows", "batch_size": "--batch-size",
-              "data_dir": "--data-dir", "trust_remote_code": "--trust-remote-code"}, fix="see `alps eval --help`")
+    }, names={name: f"--{name.replace('_', '-')}" for name in EvaluateConfig.model_fields} | {"perplexity": "--ppl"},
+       fix="see `alps eval --help`")
     summary = evaluate_model(config)
 
     table = Table(title=f"Evaluation of {model}" + (f" (lm-eval limit {limit})" if limit else ""))
@@ -93,7 +94,7 @@ def runs_command(
                                                  show_default=False)] = None,
     method: Annotated[Optional[str], typer.Option("--method", help="Only runs of this method (dense: "
                                                   "unpruned evaluations).", show_default=False)] = None,
-    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "alps",
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT_EXPERIMENT,
 ) -> None:
     """List tracked runs side by side: method, pattern, perplexities, accuracies, time."""
     from tasks.tracking.runs import list_runs, tracking_uri

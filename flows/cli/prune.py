@@ -13,7 +13,7 @@ from tasks.common.errors import SettingError
 from tasks.config.prune import PruneConfig
 from tasks.config.validation import validated
 
-from .base import app, console, parse_overrides, reports_user_errors, split_names
+from .base import app, console, method_overrides, reports_user_errors, split_names
 from .options import (
     BatchSizeOption,
     CacheDirOption,
@@ -36,7 +36,7 @@ DEFAULT = PruneConfig()
 EVALUATION = DEFAULT.evaluation
 # Where each field of PruneConfig is set on the command line (errors name the flag the user typed).
 FLAGS = {
-    "model": "--model", "solver.method": "--method", "solver.pattern": "--pattern",
+    "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
     "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
     "solver.gram_dtype": "--gram-dtype", "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples",
     "calibration.seqlen": "--seqlen", "calibration.seed": "--seed", "runtime.device": "--device",
@@ -112,7 +112,8 @@ def prune_command(
                            "give one: --sparsity 0.7 or --pattern 2:4")
     settings: dict[str, Any] = {
         "model": model,
-        "solver": {"method": method, "method_config": parse_overrides(config or []), "true_sequential": true_sequential,
+        "solver": {"method": method, "method_config": method_overrides(config or [], [method]),
+                   "true_sequential": true_sequential,
                    "gram_dtype": gram_dtype,
                    **({"pattern": pattern if pattern is not None else sparsity}
                       if pattern is not None or sparsity is not None else {})},

@@ -11,7 +11,7 @@ from rich.table import Table
 from tasks.config.sweep import SweepConfig
 from tasks.config.validation import validated
 
-from .base import app, console, parse_overrides, reports_user_errors, split_names
+from .base import app, console, method_overrides, reports_user_errors, split_names
 from .options import (
     BatchSizeOption,
     CacheDirOption,
@@ -31,7 +31,7 @@ from .options import (
 __all__ = ["sweep_command"]
 
 DEFAULT = SweepConfig()
-FLAGS = {"methods": "--methods", "patterns": "--patterns", "solver.method_config": "--config",
+FLAGS = {"methods": "--methods", "solver": "--config", "patterns": "--patterns", "solver.method_config": "--config",
          "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
          "calibration.seed": "--seed", "runtime.batch_size": "--batch-size", "runtime.device": "--device",
          "runtime.threads": "--threads", "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
@@ -74,7 +74,7 @@ def sweep_command(
 
     settings: dict[str, Any] = {
         "model": model, "methods": split_names(methods), "patterns": split_names(patterns),
-        "solver": {"method_config": parse_overrides(config or [])},
+        "solver": {"method_config": method_overrides(config or [], split_names(methods))},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "runtime": {"batch_size": batch_size, "device": device, "threads": threads, "cache_dir": cache_dir,
                     "data_dir": data_dir, "keep_activations": keep_activations},

@@ -38,6 +38,7 @@ PIPELINE_VERSION = 2
 class RunKeys:
     calibration: str
     blocks: tuple[str, ...]
+    seqlen: int  # the calibration window length the keys were made for
 
 
 Action = Literal["reuse", "replay", "compute"]
@@ -62,6 +63,7 @@ class Link:
 class BlockChain:
     calibration: Link
     blocks: tuple[Link, ...]
+    seqlen: int  # the calibration window length used: the configured one, capped by the model's context
 
     def indices(self, action: Action) -> list[int]:
         return [link.index for link in self.blocks if link.action == action]
@@ -84,7 +86,7 @@ def run_keys(model: PreparedModel, config: PruneConfig, seqlen: int, text_hash: 
     for index in range(model.num_layers):
         upstream = stable_hash("block", PIPELINE_VERSION, upstream, solver, index)
         blocks.append(upstream)
-    return RunKeys(calibration=calibration, blocks=tuple(blocks))
+    return RunKeys(calibration=calibration, blocks=tuple(blocks), seqlen=seqlen)
 
 
 def plan_chain(keys: RunKeys, calibration: CalibrationResult | None,
@@ -121,4 +123,5 @@ def plan_chain(keys: RunKeys, calibration: CalibrationResult | None,
     return BlockChain(
         calibration=Link(keys.calibration, capture),
         blocks=tuple(Link(key, actions[i], index=i) for i, key in enumerate(keys.blocks)),
+        seqlen=keys.seqlen,
     )

@@ -63,7 +63,9 @@ class CalibrationResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    key: str  # the cache key it was computed under
     inputs: FileRecord  # hidden states and block keywords (tasks.blockwise.capture)
+    seqlen: int  # tokens per window: the configured seqlen, capped by the model's context
     tokens: int
     tokens_sha256: str  # of the token ids: names the exact windows, so another tool can calibrate on them too
 
@@ -73,6 +75,7 @@ class BlockResult(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    key: str  # the cache key it was computed under
     index: int
     weights: FileRecord  # every tensor of the block, in the checkpoint's names and dtypes
     outputs: FileRecord  # the block's outputs on its calibration inputs: the next block's inputs

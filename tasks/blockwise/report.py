@@ -82,7 +82,7 @@ class PruneResult(BaseModel):
     evaluation: EvaluationSummary | None = None
 
 
-def build_report(model: PreparedModel, config: PruneConfig, seqlen: int, calibration: CalibrationResult,
+def build_report(model: PreparedModel, config: PruneConfig, calibration: CalibrationResult,
                  blocks: list[BlockResult]) -> PruneReport:
     """The run's report: its settings, the calibration windows used (count and sha256 of the token ids), and
     per block and layer what the solver did."""
@@ -92,7 +92,7 @@ def build_report(model: PreparedModel, config: PruneConfig, seqlen: int, calibra
                             num_layers=model.num_layers),
         config=config,
         solver_config=asdict(config.solver.solver_config),
-        calibration=CalibrationRecord(seqlen=seqlen, tokens=calibration.tokens,
+        calibration=CalibrationRecord(seqlen=calibration.seqlen, tokens=calibration.tokens,
                                       tokens_sha256=calibration.tokens_sha256),
         pipeline_version=PIPELINE_VERSION,
         reused_blocks=[b.index for b in blocks if b.cached],

@@ -52,7 +52,7 @@ def capture_calibration(key: str, model: PreparedModel, calibration: Calibration
                                   batch_size=runtime.batch_size)
     path = atomic_write(activation_path(cache_dir, key),
                         lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
-    return CalibrationResult(inputs=FileRecord.of(path), tokens=calibration.nsamples * seqlen,
+    return CalibrationResult(key=key, inputs=FileRecord.of(path), seqlen=seqlen, tokens=calibration.nsamples * seqlen,
                              tokens_sha256=tokens_sha256(tokens))
 
 
@@ -78,7 +78,7 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
                            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     next_inputs = atomic_write(activation_path(cache_dir, key),
                                lambda p: save_block_inputs(p, outputs.cpu(), block_inputs.kwargs))
-    return BlockResult(index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
+    return BlockResult(key=key, index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
                        layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(target))
 
 

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..common.files import PRUNE_REPORT_FILE
 from ..data.registry import DatasetKind, dataset_spec
-from ..evaluation.lm_eval_tasks import ZERO_SHOT_TASKS, check_task_names
+from ..evaluation.lm_eval_tasks import ZERO_SHOT_TASKS, unknown_task
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
 
 __all__ = ["EvaluateConfig", "EvaluationSpec"]
 
@@ -39,13 +40,16 @@ class EvaluationSpec(BaseModel):
     @field_validator("tasks")
     @classmethod
     def _known_tasks(cls, names: list[str]) -> list[str]:
-        return check_task_names(names)
+        name = unknown_task(names)
+        if name is not None:
+            raise ValueError(f"{name!r} is an unknown zero-shot task; use {', '.join(ZERO_SHOT_TASKS)}")
+        return names
 
 
 class EvaluateConfig(EvaluationSpec):
     """The evaluation flow's parameters: one model, what to measure on it, where, and where it is tracked."""
 
-    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    model: str = Field(DEFAULT_MODEL, description="bundled name, local folder, .gguf file or hub id[@revision]")
     perplexity: list[str] = Field(["wikitext2"], description="text data sets for perplexity")
     dtype: str = Field("float32", description="dtype the model is loaded in")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
@@ -53,7 +57,7 @@ class EvaluateConfig(EvaluationSpec):
     data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR, else the hub")
     prune_report: Path | None = Field(None, description="prune_report.json to log; default: the model folder's")
     log_model: bool = Field(False, description="copy the model folder into the MLflow run (else record its path)")
-    experiment: str = Field("alps", description="MLflow experiment")
+    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
     trust_remote_code: bool = False
 
     def report_path(self) -> Path | None:

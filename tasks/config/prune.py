@@ -10,13 +10,12 @@
 
 The command line, the deployments (``deployments/prefect.yaml``) and the sweep take their defaults from
 these classes. A value the user typed is parsed once, here: the pattern travels as a ``SparsityPattern``
-and the method's settings as its frozen solver config. Pydantic lives at this boundary only; the solver
+and the method's settings are checked against its solver config. Pydantic lives at this boundary only; the solver
 keeps its own dataclasses.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,6 +33,7 @@ from pydantic import (
 from alps_solver import SparsityPattern, make_config, method_names
 
 from ..common.files import cache_root
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
 from .evaluate import EvaluateConfig, EvaluationSpec
 
 __all__ = [
@@ -87,10 +87,10 @@ class SolverSpec(SolverOptions):
 
     @model_validator(mode="after")
     def _valid_method_config(self) -> SolverSpec:
-        self.solver_config  # noqa: B018 (builds and caches it; a bad field raises ValueError naming it)
+        make_config(self.method, self.method_config)  # a bad field raises ValueError naming it
         return self
 
-    @cached_property
+    @property
     def solver_config(self) -> Any:
         """The method's frozen config: its defaults (and preset) with ``method_config`` on top."""
         return make_config(self.method, self.method_config)
@@ -106,8 +106,8 @@ class CalibrationConfig(_Settings):
 
 
 class RuntimeConfig(_Settings):
-    """Where and how a run executes. None of it changes which weights are chosen, except ``batch_size``
-    and thread counts through the order of floating-point sums; none of it is part of the cache keys."""
+    """Where and how a run executes; none of it is part of the cache keys. The device, ``batch_size`` and
+    thread counts change the solved weights only through float rounding (the order of sums)."""
 
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice); on a loaded "
@@ -132,14 +132,14 @@ class OutputConfig(_Settings):
 
     folder: Path = Field(Path("out"), description="folder for the pruned model (save_pretrained layout)")
     overwrite: bool = Field(False, description="replace a non-empty folder once the new model is complete")
-    experiment: str = Field("alps", description="MLflow experiment")
+    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
     log_model: bool = Field(False, description="copy the pruned folder into the MLflow run (else its path)")
 
 
 class PruneConfig(_Settings):
     """Everything that decides a pruning run's result, plus where it reads and writes."""
 
-    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    model: str = Field(DEFAULT_MODEL, description="bundled name, local folder, .gguf file or hub id[@revision]")
     solver: SolverSpec = SolverSpec()
     calibration: CalibrationConfig = CalibrationConfig()
     runtime: RuntimeConfig = RuntimeConfig()

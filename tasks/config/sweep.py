@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from alps_solver import SparsityPattern, method_names
 
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
 from .evaluate import EvaluationSpec
 from .prune import CalibrationConfig, OutputConfig, Pattern, PruneConfig, RuntimeConfig, SolverOptions, SolverSpec
 
@@ -29,14 +30,14 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("smollm2-135m", description="bundled name, local folder, .gguf file or hub id[@revision]")
+    model: str = Field(DEFAULT_MODEL, description="bundled name, local folder, .gguf file or hub id[@revision]")
     methods: list[str] = Field(["alps", "sparsegpt", "wanda"], min_length=1, description="solver methods")
     patterns: list[Pattern] = Field([SparsityPattern.unstructured(0.5), SparsityPattern.unstructured(0.7),
                                      SparsityPattern.n_m(2, 4)], min_length=1, description="sparsity patterns")
     solver: SolverOptions = SolverOptions()
-    # Small defaults, so that a nightly sweep of every method on a CPU finishes within the night.
+    # Small calibration by default, so that a sweep of every method at every pattern on a CPU takes an hour or so.
     calibration: CalibrationConfig = CalibrationConfig(dataset="pydoc", nsamples=16, seqlen=512)
-    runtime: RuntimeConfig = RuntimeConfig(threads=1)
+    runtime: RuntimeConfig = RuntimeConfig()
     output: Path = Field(Path("out/sweep"), description="folder of the sweep: one subfolder per configuration, "
                          "the summary and the plot")
     evaluation: EvaluationSpec | None = Field(None, description="what to measure on every pruned model; None: "
@@ -44,7 +45,7 @@ class SweepConfig(BaseModel):
     concurrency: int = Field(1, ge=1, description="configurations run at a time after the first (which captures "
                              "the calibration inputs the others reuse)")
     track: bool = Field(False, description="an MLflow parent run with one child run per configuration")
-    experiment: str = Field("alps", description="MLflow experiment")
+    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
 
     @field_validator("methods")
     @classmethod

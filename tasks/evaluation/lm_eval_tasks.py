@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..common.errors import SettingError
 
-__all__ = ["ZERO_SHOT_TASKS", "LmEvalTask", "check_task_names"]
+__all__ = ["ZERO_SHOT_TASKS", "LmEvalTask", "check_task_names", "unknown_task"]
 
 
 @dataclass(frozen=True)
@@ -43,9 +43,14 @@ ZERO_SHOT_TASKS: dict[str, LmEvalTask] = {
 }
 
 
+def unknown_task(names: list[str]) -> str | None:
+    """The first name that is not one of ZERO_SHOT_TASKS, or None."""
+    return next((name for name in names if name not in ZERO_SHOT_TASKS), None)
+
+
 def check_task_names(names: list[str]) -> list[str]:
     """The names, validated against ZERO_SHOT_TASKS (SettingError naming the field otherwise)."""
-    for name in names:
-        if name not in ZERO_SHOT_TASKS:
-            raise SettingError("--tasks", name, "unknown zero-shot task", f"use {', '.join(ZERO_SHOT_TASKS)}")
+    name = unknown_task(names)
+    if name is not None:
+        raise SettingError("tasks", name, "unknown zero-shot task", f"use {', '.join(ZERO_SHOT_TASKS)}")
     return names

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE
+from ..config.defaults import DEFAULT_EXPERIMENT
 from .plots import layer_rows, plot_layer_errors, plot_layer_sparsity, plot_solver_history
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "tracking_uri",
 ]
 
-DEFAULT_EXPERIMENT = "alps"
 UI_URL_ENV = "ALPS_MLFLOW_UI_URL"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"
 _MAX_PARAM_CHARS = 6000  # MLflow's limit on a parameter value

@@ -155,6 +155,47 @@ def test_damaged_cache_file_is_recomputed(prefect_harness, tokenizer, tmp_path):
     assert all(torch.equal(t, expected[n]) for n, t in tensors_of(rerun.output).items())
 
 
+def test_inputs_that_vanish_after_planning_are_rebuilt(prefect_harness, tokenizer, tmp_path, monkeypatch):
+    """Another run on the same cache folder can release activations between this run's plan and its blocks:
+    the missing inputs are rebuilt by replaying the blocks before, and the result is unchanged."""
+    import flows.prune
+
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
+    first = prune_model(config_for(model_dir, tmp_path, keep_activations=True))
+    expected = tensors_of(first.output)
+    cache = tmp_path / "cache"
+    by_age = sorted((cache / "blocks").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    by_age[2].unlink()  # block 2 must be solved again, on block 1's outputs, which the plan finds intact
+    plan_run = flows.prune.plan_run
+
+    def plan_then_release(model, config):
+        chain = plan_run(model, config)
+        for path in (cache / "activations").glob("*.safetensors"):
+            path.unlink()  # every activation, the calibration inputs included, is gone once the plan is made
+        return chain
+
+    monkeypatch.setattr(flows.prune, "plan_run", plan_then_release)
+    rerun = prune_model(config_for(model_dir, tmp_path, overwrite=True))
+    assert rerun.report.computed_blocks == [2] and rerun.report.reused_blocks == [0, 1]
+    assert all(torch.equal(t, expected[n]) for n, t in tensors_of(rerun.output).items())
+
+
+def test_the_run_publishes_its_block_errors(prefect_harness, tokenizer, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    result = prune_model(config_for(save_model(tmp_path / "model", tokenizer), tmp_path))
+    newest = ArtifactFilter(key=ArtifactFilterKey(any_=["block-errors"]))
+    with get_client(sync_client=True) as client:
+        (artifact,) = client.read_artifacts(artifact_filter=newest, sort=ArtifactSort.CREATED_DESC, limit=1)
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    assert [row["block"] for row in rows] == [0, 1]
+    report = json.loads((result.output / "prune_report.json").read_text())
+    errors = [layer["rel_error"] for layer in report["blocks"][1]["layers"]]
+    assert rows[1]["max_rel_error"] == round(max(errors), 6)
+
+
 RUN_SCRIPT = textwrap.dedent("""
     import json, sys
     from flows.prune import prune_model

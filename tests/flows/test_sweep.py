@@ -101,8 +101,8 @@ def test_plan_names_the_bad_field(tmp_path):
     assert all(c.runtime.keep_activations for c in configs)
     with pytest.raises(SettingError, match="method="):
         plan(methods=["nope"], patterns=["0.5"])
-    with pytest.raises(SettingError, match="output"):  # set by the sweep for every configuration
-        plan(methods=["alps"], patterns=["0.5"], solver={"output": "x"})
+    with pytest.raises(SettingError, match="solver.method"):  # the sweep sets method and pattern per configuration
+        plan(methods=["alps"], patterns=["0.5"], solver={"method": "wanda"})
     with pytest.raises(SettingError, match="nsamples"):
         plan(methods=["alps"], patterns=["0.5"], calibration={"nsamples": 0})
 

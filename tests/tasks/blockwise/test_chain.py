@@ -12,7 +12,7 @@ from tasks.config.prune import PruneConfig, SolverSpec
 from tasks.model.prepared import PreparedModel
 
 CODES = {"reuse": "u", "replay": "r", "compute": "c"}
-KEYS = RunKeys(calibration="c", blocks=tuple(f"b{i}" for i in range(5)))
+KEYS = RunKeys(calibration="c", blocks=tuple(f"b{i}" for i in range(5)), seqlen=4)
 
 
 def record(folder: Path, name: str, state: str = "intact") -> FileRecord:
@@ -30,7 +30,8 @@ def record(folder: Path, name: str, state: str = "intact") -> FileRecord:
 def cached(folder: Path, layout: str, calibration: str = "intact") -> tuple[CalibrationResult, list]:
     """Cached results from a layout string, one character per block: ``w`` weights and outputs intact, ``r``
     weights intact but outputs released, ``d`` weights damaged, ``-`` nothing cached."""
-    inputs = CalibrationResult(inputs=record(folder, "calibration", calibration), tokens=8, tokens_sha256="t")
+    inputs = CalibrationResult(key="c", inputs=record(folder, "calibration", calibration), seqlen=4, tokens=8,
+                               tokens_sha256="t")
     blocks = []
     for index, code in enumerate(layout):
         if code == "-":
@@ -38,7 +39,8 @@ def cached(folder: Path, layout: str, calibration: str = "intact") -> tuple[Cali
             continue
         weights = record(folder, f"w{index}", "damaged" if code == "d" else "intact")
         outputs = record(folder, f"o{index}", "gone" if code == "r" else "intact")
-        blocks.append(BlockResult(index=index, weights=weights, outputs=outputs, layers=[], seconds=1.0, memory={}))
+        blocks.append(BlockResult(key=f"b{index}", index=index, weights=weights, outputs=outputs, layers=[],
+                                  seconds=1.0, memory={}))
     return inputs, blocks
 
 

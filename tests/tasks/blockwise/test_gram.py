@@ -1,4 +1,4 @@
-"""The Gram collector of tasks/blocks.py against H, mean and variance computed directly from each layer's
+"""The Gram collector of tasks/blockwise/gram.py against H, mean and variance computed directly from each layer's
 recorded inputs, on tiny random LLaMA and OPT blocks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Group files of tasks/parallel.py: one H per group of layers that read the same input."""
+"""Group files of tasks/blockwise/group_files.py: one H per group of layers that read the same input."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``alps models``, ``alps data`` and ``alps ppl``: what can be loaded, which data is where, dense perplexity.
+"""``alps models``, ``alps data`` and ``alps ppl``: a run's inputs (what can be loaded, which data is where) and
+a model's perplexity.
 
 Heavy libraries (torch, transformers) are imported inside the commands, so ``--help`` stays fast.
 """
@@ -11,6 +12,7 @@ import typer
 from rich.table import Table
 
 from tasks.common.errors import SettingError
+from tasks.config.defaults import DEFAULT_MODEL
 
 from .base import app, console, environment, reports_user_errors
 from .options import (
@@ -66,7 +68,7 @@ def data_command(data_dir: DataDirOption = None) -> None:
 @app.command("ppl")
 @reports_user_errors
 def ppl_command(
-    model: ModelOption = "smollm2-135m",
+    model: ModelOption = DEFAULT_MODEL,
     datasets: Annotated[
         str, typer.Option("--datasets", "-d", help="Comma-separated text data sets: wikitext2, ptb, c4, pydoc.")
     ] = "wikitext2,ptb,c4",
