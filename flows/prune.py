@@ -39,7 +39,7 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
     settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment) as run_id:
-        calibration = calibrate(chain, model, config)
+        calibration = calibrate(chain.calibration, model, config, chain.seqlen)
         blocks, progress = [], BlockProgress(len(chain.blocks))
         for link in chain.blocks:  # each on the outputs of the blocks before it
             blocks.append(solve_block_link(link, model, calibration, blocks, config))

@@ -91,13 +91,8 @@ def capture_calibration(key: str, model: PreparedModel, config: PruneConfig, seq
     return result
 
 
-def calibrate(chain: BlockChain, model: PreparedModel, config: PruneConfig) -> CalibrationResult:
-    """The calibration inputs cached under the chain's calibration key, captured first if not cached (or
-    refreshed)."""
-    return _calibrate(chain.calibration, model, config, chain.seqlen)
-
-
-def _calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
+def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
+    """The calibration inputs cached under ``link``'s key, captured first if not cached (or refreshed)."""
     cache_dir = config.runtime.resolved_cache_dir()
     return cached_in(capture_calibration, cache_dir, link.refresh)(
         key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
@@ -161,7 +156,7 @@ def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationRe
     elif calibration.inputs.is_intact():
         inputs = calibration.inputs
     else:
-        inputs = _calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen).inputs
+        inputs = calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen).inputs
     for replayed in blocks[start:index]:
         inputs = _solve_block(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
     return inputs
