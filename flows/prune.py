@@ -16,6 +16,7 @@ from tasks.prune import (
     plan_run,
     prepare_model,
     release_activations,
+    release_superseded,
     save_pruned_model,
     solve_block_link,
 )
@@ -43,6 +44,7 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
         blocks, progress = [], BlockProgress(len(chain.blocks))
         for link in chain.blocks:  # each on the outputs of the blocks before it
             blocks.append(solve_block_link(link, model, calibration, blocks, config))
+            release_superseded(blocks, config.runtime)  # scratch holds a few boundaries, not one per block
             progress.advance()
         report = build_report(model, config, calibration, blocks)
         output = save_pruned_model(model, blocks, config, report)

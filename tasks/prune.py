@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from alps_solver import LayerProblem
 
 from .blockwise import steps
-from .blockwise.chain import BlockChain, Link, plan_chain, run_keys
+from .blockwise.chain import BlockChain, Link, is_kept, plan_chain, run_keys
 from .blockwise.export import release_activations as delete_activations
 from .blockwise.export import write_pruned_model
 from .blockwise.group_files import load_group, save_group
@@ -49,6 +49,8 @@ __all__ = [
     "plan_run",
     "prepare_model",
     "release_activations",
+    "release_superseded",
+    "replay_block",
     "save_pruned_model",
     "solve_block_link",
     "threads_per_worker",
@@ -117,8 +119,8 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
 
 def solve_block_link(link: Link, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],
                      config: PruneConfig) -> BlockResult:
-    """Block ``link.index`` from the cache, or solved on its inputs: the outputs of the last of ``blocks`` (the
-    blocks before it, in order), or the calibration inputs for block 0.
+    """Block ``link.index`` from the cache, replayed, or solved on its inputs: the outputs of the last of
+    ``blocks`` (the blocks before it, in order), or the calibration inputs for block 0.
 
     The chain was planned so that those inputs exist. If they vanished since (another run on the same cache
     folder released them), they are rebuilt by replaying the blocks before it from the last inputs still
@@ -126,15 +128,30 @@ def solve_block_link(link: Link, model: PreparedModel, calibration: CalibrationR
     """
     inputs = blocks[-1].outputs if blocks else calibration.inputs
     try:
-        return _solve_block(link, model, inputs, config)
+        return _run_link(link, model, inputs, config)
     except StaleInputs:
         run_logger(logger).warning("block %02d: its inputs vanished after the run was planned; replaying the "
                                    "blocks before it", link.index)
-    return _solve_block(link, model, _rebuild_inputs(link.index, model, calibration, blocks, config), config)
+    return _run_link(link, model, _rebuild_inputs(link.index, model, calibration, blocks, config), config)
 
 
-def _solve_block(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
+def release_superseded(blocks: list[BlockResult], runtime: RuntimeConfig) -> None:
+    """Once the last of ``blocks`` is done, delete its inputs (the outputs of the block before it) unless that
+    boundary is kept (``tasks.blockwise.chain.is_kept``) or every activation is (``keep_activations``)."""
+    boundary = len(blocks) - 1
+    if runtime.keep_activations or is_kept(boundary, runtime.keep_every):
+        return
+    delete_activations([blocks[boundary - 1].outputs])
+
+
+def _run_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
     cache_dir = config.runtime.resolved_cache_dir()
+    if link.action == "replay":
+        cached = cached_result(cache_dir, link.key, BlockResult)
+        if cached is not None and cached.weights.is_intact():
+            replayed = replay_block(cached, link.index, model, inputs, config.runtime, cache_dir)
+            return replayed.model_copy(update={"cached": True})
+        link = Link(link.key, "compute", link.index)  # its cached weights went missing since the plan: solve it
     state = cached_in(solve_block, cache_dir, link.refresh)(
         key=link.key, index=link.index, model=model, inputs=inputs, solver=config.solver, runtime=config.runtime,
         cache_dir=cache_dir, return_state=True)
@@ -143,6 +160,14 @@ def _solve_block(link: Link, model: PreparedModel, inputs: FileRecord, config: P
     if cached:
         run_logger(logger).info("block %02d: reused from cache (key %s)", link.index, link.key[:12])
     return result.model_copy(update={"cached": cached})
+
+
+@task(name="replay-block", task_run_name="replay-block-{index:02d}", cache_policy=NO_CACHE)
+def replay_block(result: BlockResult, index: int, model: PreparedModel, inputs: FileRecord, runtime: RuntimeConfig,
+                 cache_dir: Path) -> BlockResult:
+    """Rebuild an already solved block's outputs by running its cached pruned weights forward (no solve)."""
+    _use_threads(runtime.threads)
+    return steps.replay_block(result, model, inputs, runtime, cache_dir)
 
 
 def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],
@@ -158,7 +183,7 @@ def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationRe
     else:
         inputs = calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen).inputs
     for replayed in blocks[start:index]:
-        inputs = _solve_block(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
+        inputs = _run_link(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
     return inputs
 
 

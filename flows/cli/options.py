@@ -39,6 +39,17 @@ CacheDirOption = Annotated[Optional[Path], typer.Option(
     "--cache-dir", help="The run's cache folder: task results, block weights and activations (default "
     "$ALPS_CACHE_DIR/runs). A rerun with the same folder resumes.", show_default=False)]
 KeepActivationsOption = Annotated[bool, typer.Option(
-    "--keep-activations", help="Keep the calibration activations after a successful run.")]
+    "--keep-activations", help="Keep every block boundary's activations, during and after the run (the most "
+    "disk; a rerun replays nothing).")]
+KeepEveryOption = Annotated[int, typer.Option(
+    "--keep-every", min=0, help="Also keep every K-th block boundary's activations while the run goes on, so a "
+    "resume replays at most K-1 blocks (0: only the calibration inputs and the current block's inputs and "
+    "outputs).")]
+ActivationDtypeOption = Annotated[str, typer.Option(
+    "--activation-dtype", help="Dtype the block inputs and outputs are stored and kept in: float32, bfloat16 or "
+    "float16 (the block math and H stay float32/float64).")]
+OffloadActivationsOption = Annotated[bool, typer.Option(
+    "--offload-activations", help="Keep block inputs and outputs in host memory; move one batch at a time to "
+    "the device.")]
 MaxWindowsOption = Annotated[Optional[int], typer.Option(
     "--max-windows", min=1, help="Score only the first N perplexity windows of each data set.", show_default=False)]

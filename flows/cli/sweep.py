@@ -13,16 +13,19 @@ from tasks.config.validation import validated
 
 from .base import app, console, method_overrides, reports_user_errors, split_names
 from .options import (
+    ActivationDtypeOption,
     BatchSizeOption,
     CacheDirOption,
     CalibrationDatasetOption,
     DataDirOption,
     DeviceOption,
     KeepActivationsOption,
+    KeepEveryOption,
     MaxWindowsOption,
     MethodConfigOption,
     ModelOption,
     NsamplesOption,
+    OffloadActivationsOption,
     SeedOption,
     SeqlenOption,
     ThreadsOption,
@@ -33,7 +36,9 @@ __all__ = ["sweep_command"]
 DEFAULT = SweepConfig()
 FLAGS = {"methods": "--methods", "solver": "--config", "patterns": "--patterns", "solver.method_config": "--config",
          "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
-         "calibration.seed": "--seed", "runtime.batch_size": "--batch-size", "runtime.device": "--device",
+         "calibration.seed": "--seed", "calibration.activation_dtype": "--activation-dtype",
+         "runtime.keep_every": "--keep-every", "runtime.offload_activations": "--offload-activations",
+         "runtime.batch_size": "--batch-size", "runtime.device": "--device",
          "runtime.threads": "--threads", "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
          "output": "--output", "evaluation.perplexity": "--ppl", "evaluation.max_windows": "--max-windows",
          "concurrency": "--concurrency"}
@@ -65,19 +70,24 @@ def sweep_command(
     track: Annotated[bool, typer.Option("--track", help="Log an MLflow parent run and one child run per "
                                         "configuration.")] = DEFAULT.track,
     keep_activations: KeepActivationsOption = DEFAULT.runtime.keep_activations,
+    keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
+    offload_activations: OffloadActivationsOption = DEFAULT.runtime.offload_activations,
+    activation_dtype: ActivationDtypeOption = DEFAULT.calibration.activation_dtype,
     device: DeviceOption = DEFAULT.runtime.device,
     threads: ThreadsOption = DEFAULT.runtime.threads,
     data_dir: DataDirOption = DEFAULT.runtime.data_dir,
 ) -> None:
-    """Prune one model with every method at every pattern, sharing one calibration capture; prints a table."""
+    """Prune one model with every method at every pattern, sharing one cache folder; prints a table."""
     from flows.sweep import sweep_models
 
     settings: dict[str, Any] = {
         "model": model, "methods": split_names(methods), "patterns": split_names(patterns),
         "solver": {"method_config": method_overrides(config or [], split_names(methods))},
-        "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                        "activation_dtype": activation_dtype},
         "runtime": {"batch_size": batch_size, "device": device, "threads": threads, "cache_dir": cache_dir,
-                    "data_dir": data_dir, "keep_activations": keep_activations},
+                    "data_dir": data_dir, "keep_activations": keep_activations,
+                    "keep_every": keep_every, "offload_activations": offload_activations},
         "output": output, "concurrency": concurrency, "track": track,
         "evaluation": {"perplexity": split_names(ppl), "seqlen": seqlen, "max_windows": max_windows}
         if split_names(ppl) else None,

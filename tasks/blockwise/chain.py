@@ -10,9 +10,16 @@ Each link's cache key hashes everything upstream of it, so a key names one exact
 
 A block is *reusable* when its cached result exists and its weights file is intact: a reused block needs no
 inputs. A block that must be solved needs its inputs, the outputs of the block before it; when those are gone
-(released after a finished run, or damaged), the chain walks back to the last link whose outputs are intact
-(or to the calibration inputs) and replays forward from there. ``plan_chain`` decides all of this before
-anything runs, from the cached results alone, so the flow is one loop over the planned links.
+(released as the run advanced, or damaged), the chain walks back to the last link whose outputs are intact
+(or to the calibration inputs) and replays forward from there: a replayed block runs its cached pruned weights
+forward, it is never solved again. ``plan_chain`` decides all of this before anything runs, from the cached
+results alone, so the flow is one loop over the planned links.
+
+Scratch stays bounded: boundary ``b`` is the activations entering block ``b`` (boundary 0: the calibration
+inputs, kept for the whole run as the root every replay can start from). Once block ``b`` is done, boundary
+``b`` is superseded and deleted, unless it is one of every ``keep_every``-th kept to shorten replays
+(``is_kept``). So at any moment a run holds the calibration inputs, the current block's inputs and outputs,
+and the kept boundaries.
 """
 
 from __future__ import annotations
@@ -27,11 +34,12 @@ from .records import BlockResult, CalibrationResult
 if TYPE_CHECKING:  # imported for annotations only: loading transformers is slow
     from ..model.prepared import PreparedModel
 
-__all__ = ["PIPELINE_VERSION", "Action", "BlockChain", "Link", "RunKeys", "plan_chain", "run_keys", "solver_identity"]
+__all__ = ["PIPELINE_VERSION", "Action", "BlockChain", "Link", "RunKeys", "is_kept", "plan_chain", "run_keys",
+           "solver_identity"]
 
 # Bump when a change to capture, block solving, reassembly or the layout of the cache keys and records changes
 # results: it is part of every key, so older cache entries are recomputed, never misread.
-PIPELINE_VERSION = 2
+PIPELINE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -46,8 +54,8 @@ Action = Literal["reuse", "replay", "compute"]
 
 @dataclass(frozen=True)
 class Link:
-    """One step of a run: the result cached under ``key``, reused, replayed (recomputed although it is cached,
-    because its outputs are needed again) or computed (nothing intact is cached)."""
+    """One step of a run: the result cached under ``key``, reused, replayed (its cached pruned weights run
+    forward again, because its outputs are needed and gone) or computed (nothing intact is cached)."""
 
     key: str
     action: Action
@@ -67,6 +75,12 @@ class BlockChain:
 
     def indices(self, action: Action) -> list[int]:
         return [link.index for link in self.blocks if link.action == action]
+
+
+def is_kept(boundary: int, keep_every: int) -> bool:
+    """Whether the activations entering block ``boundary`` outlive that block: the calibration inputs (0)
+    always, and every ``keep_every``-th boundary when ``keep_every`` is set."""
+    return boundary == 0 or (keep_every > 0 and boundary % keep_every == 0)
 
 
 def solver_identity(solver: SolverSpec) -> dict:

@@ -9,6 +9,7 @@ channel's mean and variance.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -125,9 +126,9 @@ def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
 
 @torch.inference_mode()
 def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: _GramCollector) -> None:
-    for start in range(0, inputs.hidden.shape[0], batch_size):
+    for _, hidden in inputs.batches(batch_size):
         try:
-            block(inputs.hidden[start : start + batch_size], **inputs.kwargs)
+            block(hidden, **inputs.kwargs)
         except StopForward:
             pass
         collector.end_batch()
@@ -137,7 +138,7 @@ def discover_groups(block: nn.Module, inputs: BlockInputs) -> list[list[str]]:
     """The block's linear layers in execution order, grouped by shared input (one sample is enough)."""
     collector = _GramCollector(block, torch.float32)
     try:
-        one = BlockInputs(hidden=inputs.hidden[:1], kwargs=inputs.kwargs)
+        one = replace(inputs, hidden=inputs.hidden[:1])
         _forward(block, one, 1, collector)
         return collector.groups()
     finally:

@@ -1,5 +1,7 @@
-"""The two steps a run repeats, from files to files: capture the calibration inputs of block 0, and solve one
-block (load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both).
+"""The steps a run repeats, from files to files: capture the calibration inputs of block 0; solve one block
+(load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both); and
+replay one already solved block (run its saved, pruned weights forward to rebuild the next block's inputs,
+solving nothing).
 
 Each step writes its tensors atomically under the run's cache folder, named by the step's cache key, and
 returns a small record pointing at them (``tasks.blockwise.records``). The Prefect tasks in ``tasks/prune.py``
@@ -8,26 +10,30 @@ cache these records; nothing here knows about Prefect.
 
 from __future__ import annotations
 
+import logging
 import resource
 import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from ..common.files import atomic_write
 from ..config.prune import CalibrationConfig, RuntimeConfig, SolverSpec
 from ..data.sampling import calibration_windows, tokens_sha256
-from ..model.adapters import adapter_for, build_block
+from ..model.adapters import adapter_for, block_layer_type, build_block
 from ..model.checkpoint import Checkpoint
 from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel
-from .capture import capture_block_inputs, load_block_inputs, run_block, save_block_inputs
+from .capture import BlockInputs, capture_block_inputs, load_block_inputs, run_block, save_block_inputs
 from .records import BlockResult, CalibrationResult, FileRecord
 from .solve import SolveStage, prune_linears
 
-__all__ = ["StaleInputs", "activation_path", "capture_calibration", "solve_block"]
+__all__ = ["StaleInputs", "activation_path", "capture_calibration", "replay_block", "solve_block"]
+
+logger = logging.getLogger(__name__)
 
 ACTIVATIONS = "activations"  # where a cache folder keeps block inputs and outputs
 BLOCKS = "blocks"  # where it keeps pruned block weights
@@ -49,9 +55,8 @@ def capture_calibration(key: str, model: PreparedModel, calibration: Calibration
     tokens = calibration_windows(calibration.dataset, tokenizer, nsamples=calibration.nsamples, seqlen=seqlen,
                                  seed=calibration.seed, data_dir=runtime.data_dir)
     inputs = capture_block_inputs(model.folder, tokens, device=resolve_device(runtime.device),
-                                  batch_size=runtime.batch_size)
-    path = atomic_write(activation_path(cache_dir, key),
-                        lambda p: save_block_inputs(p, inputs.hidden, inputs.kwargs))
+                                  batch_size=runtime.batch_size, dtype=getattr(torch, calibration.activation_dtype))
+    path = atomic_write(activation_path(cache_dir, key), lambda p: save_block_inputs(p, inputs))
     return CalibrationResult(key=key, inputs=FileRecord.of(path), seqlen=seqlen, tokens=calibration.nsamples * seqlen,
                              tokens_sha256=tokens_sha256(tokens))
 
@@ -66,20 +71,54 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     target = resolve_device(runtime.device)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
-    block = build_block(model.folder, index, torch.float32, target)
-    block_inputs = load_block_inputs(inputs.path, target)
+    block, block_inputs = _load_block(model, index, inputs, runtime, target)
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage)
-    outputs = run_block(block, block_inputs, runtime.batch_size)
 
     prefix = adapter_for(AutoConfig.from_pretrained(model.folder)).block_prefix(index)
     stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
     tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}
+    # The next block's inputs come from the weights as saved (rounded to the checkpoint's dtype, e.g. bf16): the
+    # saved model computes exactly these, and a replay from the saved weights reproduces them bit for bit.
+    block.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()})
+    outputs = run_block(block, block_inputs, runtime.batch_size)
     weights = atomic_write(Path(cache_dir) / BLOCKS / f"{key}.safetensors",
                            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     next_inputs = atomic_write(activation_path(cache_dir, key),
-                               lambda p: save_block_inputs(p, outputs.cpu(), block_inputs.kwargs))
+                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs))
     return BlockResult(key=key, index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
                        layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(target))
+
+
+def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, runtime: RuntimeConfig,
+                 cache_dir: Path) -> BlockResult:
+    """Rebuild the outputs of an already solved block (``result``, from the cache) by running its saved pruned
+    weights forward on its inputs; nothing is solved. The outputs are bit-identical to the ones the solve
+    wrote when the device and batch size are the same (else equal up to float rounding)."""
+    if not inputs.is_intact():
+        raise StaleInputs(f"block {result.index}: input activations {inputs.path} are missing or damaged")
+    if not result.weights.is_intact():
+        raise StaleInputs(f"block {result.index}: its pruned weights {result.weights.path} are missing or damaged")
+    started = time.perf_counter()
+    target = resolve_device(runtime.device)
+    block, block_inputs = _load_block(model, result.index, inputs, runtime, target)
+    prefix = adapter_for(AutoConfig.from_pretrained(model.folder)).block_prefix(result.index)
+    with safe_open(str(result.weights.path), framework="pt") as handle:
+        block.load_state_dict({name[len(prefix):]: handle.get_tensor(name) for name in handle.keys()})
+    outputs = run_block(block, block_inputs, runtime.batch_size)
+    next_inputs = atomic_write(activation_path(cache_dir, result.key),
+                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs))
+    logger.info("block %02d: replayed in %.1f s (outputs rebuilt from its pruned weights)", result.index,
+                time.perf_counter() - started)
+    return result.model_copy(update={"outputs": FileRecord.of(next_inputs)})
+
+
+def _load_block(model: PreparedModel, index: int, inputs: FileRecord, runtime: RuntimeConfig,
+                target: torch.device) -> tuple[torch.nn.Module, BlockInputs]:
+    """Block ``index`` from the checkpoint in float32 on ``target``, and its inputs (its layer type's keywords)."""
+    config = AutoConfig.from_pretrained(model.folder)
+    block = build_block(model.folder, index, torch.float32, target)
+    block_inputs = load_block_inputs(inputs.path, target, offload=runtime.offload_activations)
+    return block, block_inputs.for_layer_type(block_layer_type(config, index))
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:

@@ -102,6 +102,9 @@ class CalibrationConfig(_Settings):
     nsamples: int = Field(128, ge=1, description="calibration windows")
     seqlen: int = Field(2048, ge=2, description="tokens per window (capped by the model's context)")
     seed: int = Field(0, description="seed of the window draws")
+    activation_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the block inputs and outputs are stored and kept in (the block math and H "
+        "stay float32/float64); bfloat16 or float16 halve the activations' disk and memory")
 
 
 class RuntimeConfig(_Settings):
@@ -120,6 +123,11 @@ class RuntimeConfig(_Settings):
                                    "activations); default $ALPS_CACHE_DIR/runs")
     data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR, else the hub")
     keep_activations: bool = Field(False, description="keep every block's calibration activations after success")
+    keep_every: int = Field(0, ge=0, description="also keep every K-th block boundary's activations while the run "
+                            "goes on, so a resume replays at most K-1 blocks (0: only the current block's inputs "
+                            "and outputs, the least disk)")
+    offload_activations: bool = Field(False, description="keep the block inputs and outputs in host memory and "
+                                      "move one batch at a time to the device (less GPU memory)")
 
     def resolved_cache_dir(self) -> Path:
         """``cache_dir``, or its default under the cache root, as an absolute path."""

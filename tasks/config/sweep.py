@@ -60,10 +60,9 @@ class SweepConfig(BaseModel):
         return self
 
     def plan(self) -> list[PruneConfig]:
-        """One PruneConfig per (method, pattern), method-major. Each keeps its activations, so the later ones
-        reuse the first one's calibration capture (the sweep releases what it created at the end), and
-        owns its folder: a rerun (the next night) replaces it."""
-        runtime = self.runtime.model_copy(update={"keep_activations": True})
+        """One PruneConfig per (method, pattern), method-major, all on one cache folder (so they share the
+        calibration capture's record), each owning its folder: a rerun (the next night) replaces it."""
+        runtime = self.runtime
         return [
             PruneConfig(
                 model=self.model,

@@ -20,8 +20,8 @@ from ..common.errors import ModelReferenceError
 from .checkpoint import Checkpoint
 
 __all__ = [
-    "ArchitectureAdapter", "ADAPTERS", "adapter_for", "build_stem", "build_block", "decoder_layer_class",
-    "linear_names",
+    "ALL_LAYERS", "ArchitectureAdapter", "ADAPTERS", "adapter_for", "block_layer_type", "build_stem", "build_block",
+    "decoder_layer_class", "layer_kinds", "linear_names",
 ]
 
 
@@ -62,17 +62,24 @@ def adapter_for(config: PretrainedConfig) -> ArchitectureAdapter:
             f"use a model of type {', '.join(sorted(ADAPTERS))}, or add its decoder-layer path to "
             "tasks.model.adapters.ADAPTERS",
         )
-    # Calibration records block 0's keywords (mask, rotary tables) and reuses them for every block. Models
-    # that mix attention types (Gemma 2/3 sliding and full layers) pick these per layer, so reusing block
-    # 0's would give the other layers the wrong mask: refuse rather than prune them wrongly.
-    layer_types = set(getattr(config, "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise ModelReferenceError(
-            "model", getattr(config, "name_or_path", model_type),
-            f"its layers mix attention types {sorted(layer_types)}, which the block-by-block capture does not "
-            "support yet", "use a model whose layers all use the same attention (e.g. LLaMA, Mistral, Qwen2, OPT)",
-        )
     return ADAPTERS[model_type]
+
+
+ALL_LAYERS = "all"  # the layer type of every block, in models whose blocks are all alike
+
+
+def layer_kinds(config: PretrainedConfig) -> list[str]:
+    """The distinct layer types of the model's blocks, in order of first use (Gemma 2/3: sliding and full
+    attention, each with its own mask and rotary table), or [ALL_LAYERS] when every block is alike."""
+    types = list(getattr(config, "layer_types", None) or [])[: config.num_hidden_layers]
+    kinds = list(dict.fromkeys(types))
+    return kinds if len(kinds) > 1 else [ALL_LAYERS]
+
+
+def block_layer_type(config: PretrainedConfig, index: int) -> str:
+    """Which of ``layer_kinds(config)`` block ``index`` is."""
+    kinds = layer_kinds(config)
+    return config.layer_types[index] if kinds != [ALL_LAYERS] else ALL_LAYERS
 
 
 def load_config(folder) -> PretrainedConfig:
@@ -80,15 +87,19 @@ def load_config(folder) -> PretrainedConfig:
 
 
 def build_stem(folder, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, ArchitectureAdapter]:
-    """The model with one decoder layer and every non-block tensor loaded from the checkpoint.
+    """The model with one decoder layer per layer type (``layer_kinds``) and every non-block tensor loaded
+    from the checkpoint.
 
-    Running it computes exactly what the full model feeds its first block; the single layer is a
-    placeholder that callers replace (it is never loaded).
+    Running it computes exactly what the full model feeds its blocks of each type; the layers are
+    placeholders that callers replace (they are never loaded).
     """
     config = load_config(folder)
     adapter = adapter_for(config)
+    kinds = layer_kinds(config)
     stem_config = copy.deepcopy(config)
-    stem_config.num_hidden_layers = 1
+    stem_config.num_hidden_layers = len(kinds)
+    if getattr(config, "layer_types", None):
+        stem_config.layer_types = kinds if kinds != [ALL_LAYERS] else list(config.layer_types[:1])
     stem_config.use_cache = False
     model = AutoModelForCausalLM.from_config(stem_config, dtype=dtype)
     checkpoint = Checkpoint(folder)

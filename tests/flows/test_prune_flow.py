@@ -15,7 +15,16 @@ import pytest
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
 
 from alps_solver import SparsityPattern
 from flows.prune import prune_model
@@ -29,9 +38,16 @@ VOCAB = 49152  # the bundled SmolLM2 tokenizer's, used for calibration text
 
 
 def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hidden: int = 64,
-               intermediate: int = 128, seed: int = 0) -> Path:
+               intermediate: int = 128, seed: int = 0, dtype: torch.dtype = torch.float32,
+               shard_size: str | None = None) -> Path:
     torch.manual_seed(seed)
-    if kind == "llama":
+    if kind == "gemma3_text":  # sliding and full attention layers, each with its own mask and rotary table
+        config = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+                                  num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  max_position_embeddings=128, sliding_window=8,
+                                  layer_types=["sliding_attention", "full_attention"] * (layers // 2))
+        model = Gemma3ForCausalLM(config)
+    elif kind == "llama":
         config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
                              num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=128, tie_word_embeddings=True)
@@ -40,7 +56,7 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
         config = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, ffn_dim=intermediate, num_hidden_layers=layers,
                            num_attention_heads=4, word_embed_proj_dim=hidden, max_position_embeddings=128)
         model = OPTForCausalLM(config)
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder, **({"max_shard_size": shard_size} if shard_size else {}))
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -51,7 +67,8 @@ _SECTIONS = {"method": "solver", "pattern": "solver", "method_config": "solver",
              "seqlen": "calibration", "seed": "calibration", "device": "runtime", "threads": "runtime",
              "batch_size": "runtime", "task_runner": "runtime", "solve_workers": "runtime",
              "runner_address": "runtime", "cache_dir": "runtime", "data_dir": "runtime",
-             "keep_activations": "runtime", "output": ("output", "folder"), "overwrite": "output",
+             "keep_activations": "runtime", "keep_every": "runtime", "offload_activations": "runtime",
+             "activation_dtype": "calibration", "output": ("output", "folder"), "overwrite": "output",
              "experiment": "output", "log_model": "output", "eval_ppl": ("evaluation", "perplexity"),
              "eval_tasks": ("evaluation", "tasks"), "eval_limit": ("evaluation", "limit"),
              "eval_max_windows": ("evaluation", "max_windows"), "eval_seqlen": ("evaluation", "seqlen")}
@@ -90,7 +107,8 @@ def is_block_linear(name: str) -> bool:
 
 
 @pytest.mark.parametrize(("kind", "pattern", "true_sequential"),
-                         [("llama", "0.5", False), ("llama", "2:4", True), ("opt", "0.7", False)])
+                         [("llama", "0.5", False), ("llama", "2:4", True), ("opt", "0.7", False),
+                          ("gemma3_text", "0.5", False)])
 def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, true_sequential):
     model_dir = save_model(tmp_path / "model", tokenizer, kind)
     result = prune_model(config_for(model_dir, tmp_path, pattern=pattern, true_sequential=true_sequential))
@@ -106,7 +124,7 @@ def test_prunes_end_to_end(prefect_harness, tokenizer, tmp_path, kind, pattern, 
     assert set(before) == set(after)
     p = SparsityPattern.parse(pattern)
     pruned = [n for n in after if is_block_linear(n)]
-    assert len(pruned) == 2 * (7 if kind == "llama" else 6)
+    assert len(pruned) == 2 * (6 if kind == "opt" else 7)
     for name, tensor in after.items():
         if name in pruned:
             assert p.violations(tensor != 0) == [], name
@@ -178,6 +196,107 @@ def test_inputs_that_vanish_after_planning_are_rebuilt(prefect_harness, tokenize
     rerun = prune_model(config_for(model_dir, tmp_path, overwrite=True))
     assert rerun.report.computed_blocks == [2] and rerun.report.reused_blocks == [0, 1]
     assert all(torch.equal(t, expected[n]) for n, t in tensors_of(rerun.output).items())
+
+
+def _watch_scratch(monkeypatch, cache: Path) -> list[set[str]]:
+    """The activation files present each time a block finishes, before its inputs are released: the peaks."""
+    import flows.prune
+
+    seen: list[set[str]] = []
+    release = flows.prune.release_superseded
+
+    def watched(blocks, runtime):
+        seen.append({path.name for path in (cache / "activations").glob("*.safetensors")})
+        release(blocks, runtime)
+
+    monkeypatch.setattr(flows.prune, "release_superseded", watched)
+    return seen
+
+
+def _record_calls(monkeypatch) -> dict[str, list[int]]:
+    """The blocks each run solves and replays."""
+    import tasks.blockwise.steps as steps
+
+    calls: dict[str, list[int]] = {"solved": [], "replayed": []}
+    solve, replay = steps.solve_block, steps.replay_block
+
+    def solving(key, index, *args, **kwargs):
+        calls["solved"].append(index)
+        return solve(key, index, *args, **kwargs)
+
+    def replaying(result, *args, **kwargs):
+        calls["replayed"].append(result.index)
+        return replay(result, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "solve_block", solving)
+    monkeypatch.setattr(steps, "replay_block", replaying)
+    return calls
+
+
+def test_scratch_is_bounded_and_a_resume_replays_from_the_nearest_kept_boundary(prefect_harness, tokenizer,
+                                                                                  tmp_path, monkeypatch):
+    """On a sharded bf16 checkpoint: the scratch holds the calibration inputs and the current block's inputs and
+    outputs (plus every K-th boundary with keep_every), whatever the depth; a resume rebuilds missing inputs by
+    running the cached pruned blocks forward from the nearest kept boundary, solving nothing twice, and gives
+    the same model bit for bit, written in the checkpoint's dtype and files."""
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=6, dtype=torch.bfloat16, shard_size="2MB")
+    assert len(list(model_dir.glob("model-*.safetensors"))) > 1
+    seen = _watch_scratch(monkeypatch, tmp_path / "reference" / "cache")
+    reference = prune_model(config_for(model_dir, tmp_path / "reference"))
+    assert [len(files) for files in seen] == [2, 3, 3, 3, 3, 3]  # does not grow with depth
+    assert not list((tmp_path / "reference" / "cache" / "activations").glob("*.safetensors"))  # released at the end
+
+    import tasks.blockwise.steps as steps
+
+    cache = tmp_path / "cache"
+    seen = _watch_scratch(monkeypatch, cache)
+    solve = steps.solve_block
+
+    def stopped_at_4(key, index, *args, **kwargs):
+        if index == 4:
+            raise RuntimeError("stopped at block 4")
+        return solve(key, index, *args, **kwargs)
+
+    monkeypatch.setattr(steps, "solve_block", stopped_at_4)
+    with pytest.raises(RuntimeError, match="block 4"):
+        prune_model(config_for(model_dir, tmp_path, keep_every=2))
+    # Calibration inputs, current inputs and outputs, and boundary 2 (the inputs of block 2) kept from block 3 on.
+    assert [len(files) for files in seen] == [2, 3, 3, 4]
+    left = sorted((cache / "activations").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(left) == 3
+    left[-1].unlink()  # the inputs of block 4 are lost too: they must come from boundary 2, two blocks back
+
+    monkeypatch.setattr(steps, "solve_block", solve)
+    calls = _record_calls(monkeypatch)
+    resumed = prune_model(config_for(model_dir, tmp_path, keep_every=2))
+    assert calls == {"solved": [4, 5], "replayed": [2, 3]}
+    assert resumed.report.computed_blocks == [4, 5]
+    want, got = tensors_of(reference.output), tensors_of(resumed.output)
+    assert set(want) == set(got) and all(torch.equal(got[n], want[n]) for n in want)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert sorted(p.name for p in resumed.output.glob("*.safetensors")) == \
+        sorted(p.name for p in model_dir.glob("*.safetensors"))
+    assert (resumed.output / "model.safetensors.index.json").is_file()
+
+
+def test_bf16_activations_on_the_host_halve_the_scratch_and_barely_move_the_errors(prefect_harness, tokenizer,
+                                                                                   tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=2)
+    full = prune_model(config_for(model_dir, tmp_path / "full", keep_activations=True))
+    half = prune_model(config_for(model_dir, tmp_path / "half", keep_activations=True,
+                                  activation_dtype="bfloat16", offload_activations=True))
+    for run, dtype in (("full", "F32"), ("half", "BF16")):
+        files = list((tmp_path / run / "cache" / "activations").glob("*.safetensors"))
+        assert len(files) == 3
+        for file in files:
+            with safe_open(file, framework="pt") as handle:
+                assert handle.get_slice("hidden").get_dtype() == dtype
+    size = {run: sum(f.stat().st_size for f in (tmp_path / run / "cache" / "activations").glob("*"))
+            for run in ("full", "half")}
+    assert size["half"] < 0.6 * size["full"]
+    errors = [[layer.rel_error for block in result.report.blocks for layer in block.layers] for result in (full, half)]
+    assert errors[0] != errors[1]  # the inputs did change
+    assert all(abs(a - b) <= 0.05 * a + 1e-4 for a, b in zip(*errors))
 
 
 def test_the_run_publishes_its_block_errors(prefect_harness, tokenizer, tmp_path):

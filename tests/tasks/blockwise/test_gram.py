@@ -15,7 +15,7 @@ from tasks.blockwise.gram import collect_layer_problems, discover_groups
 from tasks.blockwise.solve import prune_linears
 from tasks.common.errors import AlpsError
 from tasks.config.prune import SolverSpec
-from tasks.model.adapters import build_block
+from tasks.model.adapters import ALL_LAYERS, build_block
 
 
 @pytest.fixture(scope="module", params=["llama", "opt"])
@@ -152,7 +152,7 @@ def test_variance_of_inputs_with_a_large_mean_is_accurate_with_a_float32_gram():
     generator = torch.Generator().manual_seed(3)
     offsets = torch.tensor([100.0, -300.0, 0.0, 50.0, 1000.0, 1.0])
     hidden = offsets + 0.1 * torch.randn(7, 16, 6, generator=generator)
-    inputs = BlockInputs(hidden=hidden, kwargs={})
+    inputs = BlockInputs(hidden=hidden, keywords={ALL_LAYERS: {}}, device=torch.device("cpu"))
     problem = collect_layer_problems(_Shifted(), inputs, ["proj"], batch_size=3)["proj"]  # float32 H
     X = hidden.reshape(-1, 6).to(torch.float64)
     assert torch.allclose(problem.input_mean, X.mean(dim=0), rtol=1e-6, atol=1e-6)
@@ -161,6 +161,6 @@ def test_variance_of_inputs_with_a_large_mean_is_accurate_with_a_float32_gram():
 
 
 def test_a_linear_layer_called_twice_per_forward_is_refused():
-    inputs = BlockInputs(hidden=torch.randn(2, 4, 6), kwargs={})
+    inputs = BlockInputs(hidden=torch.randn(2, 4, 6), keywords={ALL_LAYERS: {}}, device=torch.device("cpu"))
     with pytest.raises(AlpsError, match="runs more than once in one forward"):
         discover_groups(_Shifted(repeat=2), inputs)
