@@ -13,6 +13,7 @@ from tasks.orchestration import flow
 from tasks.prune import (
     BlockProgress,
     calibrate,
+    check_resources,
     plan_run,
     prepare_model,
     release_activations,
@@ -36,6 +37,7 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
     check_output_folder(config.output)
     model = prepare_model(config.model)
     check_pattern_fits(model, config.solver.pattern)
+    check_resources(model, config)  # disk, RAM and device memory the run needs, refused now if they are lacking
     chain = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
     settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}

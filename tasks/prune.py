@@ -42,10 +42,13 @@ from .model.loading import resolve_device
 from .model.prepared import PreparedModel
 from .model.prepared import prepare_model as prepare
 from .orchestration import cached_in, cached_result, key_parameter, run_logger, task
+from .planning.check import available, check_plan, plan_for, shape_of
+from .planning.estimate import ResourcePlan
 
 __all__ = [
     "BlockProgress",
     "calibrate",
+    "check_resources",
     "plan_run",
     "prepare_model",
     "release_activations",
@@ -63,6 +66,21 @@ logger = logging.getLogger(__name__)
 def prepare_model(reference: str) -> PreparedModel:
     """Resolve the reference to a local safetensors folder with a fingerprint (hub: download once)."""
     return prepare(reference)
+
+
+def check_resources(model: PreparedModel, config: PruneConfig) -> ResourcePlan:
+    """The run's resource plan, logged; a run that cannot fit the free disk, RAM or device memory is refused
+    before any work (``InsufficientResources``), unless ``runtime.check_resources`` is off."""
+    plan = plan_for(model.reference, config, shape=shape_of(str(model.folder)))
+    run_logger(logger).info(
+        "plan: activations %.2f GB on disk (%d boundaries), pruned weights %.2f GB, output %.2f GB; peak RAM %.2f GB%s;"
+        " about %.0f s per block, %.0f min in all", plan.activations / 1e9, plan.boundaries_on_disk,
+        plan.pruned_weights / 1e9, plan.output / 1e9, plan.host / 1e9,
+        f", device {plan.device_memory / 1e9:.2f} GB" if plan.device == "cuda" else "", plan.block_seconds,
+        plan.seconds / 60)
+    if config.runtime.check_resources:
+        check_plan(plan, config, available(config, plan.device))
+    return plan
 
 
 def plan_run(model: PreparedModel, config: PruneConfig) -> BlockChain:

@@ -45,6 +45,7 @@ FLAGS = {
     "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "calibration.activation_dtype": "--activation-dtype", "runtime.keep_every": "--keep-every",
     "runtime.offload_activations": "--offload-activations", "runtime.device": "--device",
+    "runtime.check_resources": "--no-resource-check",
     "runtime.threads": "--threads", "runtime.batch_size": "--batch-size", "runtime.task_runner": "--task-runner",
     "runtime.solve_workers": "--solve-workers", "runtime.runner_address": "--runner-address",
     "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
@@ -92,6 +93,9 @@ def prune_command(
     data_dir: DataDirOption = DEFAULT.runtime.data_dir,
     keep_activations: KeepActivationsOption = DEFAULT.runtime.keep_activations,
     keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
+    check_resources: Annotated[bool, typer.Option("--resource-check/--no-resource-check", help="Refuse a run whose "
+                                                  "plan (`alps plan`) does not fit this machine's free disk, RAM or "
+                                                  "device memory.")] = DEFAULT.runtime.check_resources,
     offload_activations: OffloadActivationsOption = DEFAULT.runtime.offload_activations,
     activation_dtype: ActivationDtypeOption = DEFAULT.calibration.activation_dtype,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the pruned model at the end.")]
@@ -130,7 +134,8 @@ def prune_command(
         "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "task_runner": task_runner,
                     "solve_workers": solve_workers, "runner_address": runner_address, "cache_dir": cache_dir,
                     "data_dir": data_dir, "keep_activations": keep_activations,
-                    "keep_every": keep_every, "offload_activations": offload_activations},
+                    "keep_every": keep_every, "offload_activations": offload_activations,
+                    "check_resources": check_resources},
         "output": {"folder": output, "overwrite": overwrite, "experiment": experiment, "log_model": log_model},
         "evaluation": {"perplexity": split_names(eval_ppl) if eval_ppl is not None else None,
                        "tasks": split_names(eval_tasks), "limit": eval_limit, "max_windows": eval_max_windows,

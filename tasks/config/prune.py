@@ -128,6 +128,8 @@ class RuntimeConfig(_Settings):
                             "and outputs, the least disk)")
     offload_activations: bool = Field(False, description="keep the block inputs and outputs in host memory and "
                                       "move one batch at a time to the device (less GPU memory)")
+    check_resources: bool = Field(True, description="refuse, before any work, a run whose resource plan does not "
+                                  "fit the free disk, RAM or device memory")
 
     def resolved_cache_dir(self) -> Path:
         """``cache_dir``, or its default under the cache root, as an absolute path."""

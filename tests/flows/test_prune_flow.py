@@ -198,15 +198,16 @@ def test_inputs_that_vanish_after_planning_are_rebuilt(prefect_harness, tokenize
     assert all(torch.equal(t, expected[n]) for n, t in tensors_of(rerun.output).items())
 
 
-def _watch_scratch(monkeypatch, cache: Path) -> list[set[str]]:
-    """The activation files present each time a block finishes, before its inputs are released: the peaks."""
+def _watch_scratch(monkeypatch, cache: Path) -> list[dict[str, int]]:
+    """The activation files (name: bytes) present each time a block finishes, before its inputs are released:
+    the peaks."""
     import flows.prune
 
-    seen: list[set[str]] = []
+    seen: list[dict[str, int]] = []
     release = flows.prune.release_superseded
 
     def watched(blocks, runtime):
-        seen.append({path.name for path in (cache / "activations").glob("*.safetensors")})
+        seen.append({path.name: path.stat().st_size for path in (cache / "activations").glob("*.safetensors")})
         release(blocks, runtime)
 
     monkeypatch.setattr(flows.prune, "release_superseded", watched)
@@ -297,6 +298,32 @@ def test_bf16_activations_on_the_host_halve_the_scratch_and_barely_move_the_erro
     errors = [[layer.rel_error for block in result.report.blocks for layer in block.layers] for result in (full, half)]
     assert errors[0] != errors[1]  # the inputs did change
     assert all(abs(a - b) <= 0.05 * a + 1e-4 for a, b in zip(*errors))
+
+
+def test_the_plans_scratch_matches_the_run_and_a_run_that_cannot_fit_is_refused(prefect_harness, tokenizer, tmp_path,
+                                                                                  monkeypatch):
+    import tasks.prune
+    from tasks.planning.check import Available, InsufficientResources, plan_for
+
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=4, hidden=128, intermediate=256)
+    config = config_for(model_dir, tmp_path, nsamples=8, seqlen=64)
+    seen = _watch_scratch(monkeypatch, tmp_path / "cache")
+    prune_model(config)
+    plan = plan_for(str(model_dir), config)
+    activations = max(sum(files.values()) for files in seen)
+    weights = sum(p.stat().st_size for p in (tmp_path / "cache" / "blocks").glob("*.safetensors"))
+    assert abs(plan.activations - activations) / activations < 0.25, (plan.activations, activations)
+    assert abs(plan.pruned_weights - weights) / weights < 0.25, (plan.pruned_weights, weights)
+
+    monkeypatch.setattr(tasks.prune, "available", lambda config, device: Available(
+        scratch_free=1e5, output_free=None, host=1e12, device=None))
+    refused = config_for(model_dir, tmp_path / "refused", nsamples=8, seqlen=64)
+    with pytest.raises(InsufficientResources, match="scratch disk"):
+        prune_model(refused)
+    assert not (tmp_path / "refused" / "out").exists() and not (tmp_path / "refused" / "cache" / "blocks").exists()
+    forced = prune_model(refused.model_copy(
+        update={"runtime": refused.runtime.model_copy(update={"check_resources": False})}))
+    assert forced.output.is_dir()
 
 
 def test_the_run_publishes_its_block_errors(prefect_harness, tokenizer, tmp_path):

@@ -1,0 +1,1 @@
+"""Resource plans: what a run will need of disk, memory and time, before it starts."""

@@ -1,0 +1,124 @@
+"""A run's plan against this machine: its free disks, RAM and device memory.
+
+``plan_for`` makes the plan of a run from a model reference (anything ``--model`` takes, or a bare
+``config.json``); ``available`` reads what the machine has; ``check_plan`` raises ``InsufficientResources``,
+naming the numbers and the settings that would fit, when the run cannot fit.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from ..common.errors import AlpsError
+from ..config.prune import PruneConfig
+from ..data.sampling import cap_seqlen
+from ..model.checkpoint import Checkpoint
+from ..model.loading import resolve_device
+from ..model.references import hub_error, locate_model
+from .estimate import GB, ResourcePlan, Shortfall, plan_resources, shortfalls
+from .rates import MachineRates, measure_rates
+from .shapes import ModelShape, load_model_config, model_shape
+
+__all__ = ["Available", "InsufficientResources", "available", "check_plan", "plan_for", "shape_of"]
+
+
+class InsufficientResources(AlpsError):
+    """The run's plan does not fit the machine."""
+
+
+@dataclass(frozen=True)
+class Available:
+    scratch_free: float  # bytes free on the cache folder's disk
+    output_free: float | None  # bytes free on the output's disk; None when it is the cache folder's disk
+    host: float  # bytes of RAM available to this process (what it holds now included)
+    device: float | None  # bytes of free device memory; None on a CPU run
+
+
+def shape_of(reference: str) -> ModelShape:
+    """The shapes of a model reference, or of a bare config.json (a hub id reads only its config)."""
+    path = Path(reference).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        return model_shape(load_model_config(path))
+    source = locate_model(reference)
+    if not source.is_local:
+        try:
+            config = AutoConfig.from_pretrained(source.location, revision=source.revision)
+        except OSError as error:
+            raise hub_error(source, error) from error
+        return model_shape(config)
+    folder = Path(source.location)
+    config = load_model_config(folder)
+    stored = Checkpoint(folder).dtypes("")
+    dtype = max(stored.values(), key=lambda d: list(stored.values()).count(d)) if stored else None
+    return model_shape(config, dtype)
+
+
+def plan_for(reference: str, config: PruneConfig, *, shape: ModelShape | None = None,
+             rates: MachineRates | None = None, device: str | None = None,
+             baseline: float | None = None) -> ResourcePlan:
+    """The plan of pruning ``reference`` with ``config``. ``rates`` default to this machine's (measured once);
+    ``device`` (cpu or cuda) defaults to the run's; ``baseline`` to this process's RAM now."""
+    shape = shape or shape_of(reference)
+    target = device or resolve_device(config.runtime.device).type
+    if rates is None:
+        if target == "cuda" and not torch.cuda.is_available():
+            raise AlpsError("device", target, "there is no GPU here to measure its rates on",
+                            "give the GPU's rates (--matmul-gflops, --eigh-seconds) to plan for it from here")
+        rates = measure_rates(resolve_device(config.runtime.device) if target != "cpu" else torch.device("cpu"),
+                              config.runtime.threads)
+    seqlen = cap_seqlen(config.calibration.seqlen, shape.max_positions or None)
+    if baseline is None:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    return plan_resources(reference, shape, config, seqlen, rates, target, baseline)
+
+
+def available(config: PruneConfig, device: str) -> Available:
+    """What this machine has for the run: free disk where the cache and the output go, RAM, device memory."""
+    cache = _existing(config.runtime.resolved_cache_dir())
+    output = _existing(Path(config.output.folder).expanduser().resolve())
+    same_disk = os.stat(cache).st_dev == os.stat(output).st_dev
+    return Available(
+        scratch_free=float(shutil.disk_usage(cache).free),
+        output_free=None if same_disk else float(shutil.disk_usage(output).free),
+        host=_host_available() + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+        device=float(torch.cuda.mem_get_info(resolve_device(config.runtime.device))[0])
+        if device == "cuda" and torch.cuda.is_available() else None,
+    )
+
+
+def check_plan(plan: ResourcePlan, config: PruneConfig, machine: Available) -> list[Shortfall]:
+    """Raise ``InsufficientResources`` if the run does not fit ``machine``; returns the (empty) shortfalls."""
+    found = shortfalls(plan, scratch_free=machine.scratch_free, output_free=machine.output_free,
+                       host_available=machine.host, device_available=machine.device, config=config)
+    if found:
+        raise InsufficientResources(
+            "model", plan.model, "the run does not fit this machine: " + "; ".join(
+                f"{s.resource} needs {s.needed / GB:.1f} GB, {s.available / GB:.1f} GB available" for s in found),
+            "; ".join(f"for {s.resource}: {' or '.join(s.fixes)}" for s in found)
+            + " (see `alps plan`; --no-resource-check runs anyway)")
+    return found
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (the disk it will be created on)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _host_available() -> float:
+    """Bytes of RAM the system can still give (MemAvailable on Linux, else all physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -1,0 +1,264 @@
+"""A run's resource plan: peak scratch disk, host RAM and device memory per phase, and its time, before it runs.
+
+Every figure is a sum of named terms over the model's shapes (``tasks.planning.shapes``) and the run's settings,
+written beside the code that allocates them:
+
+- a *boundary* is one block's inputs or outputs: nsamples x seqlen x hidden in the activation dtype. The cache
+  folder holds the calibration inputs, the current block's inputs and outputs and any kept boundaries
+  (``tasks.blockwise.chain``), plus the pruned weights of the blocks done so far (the save copies them into
+  the output);
+- a block solve holds the block in float32, its inputs (and then its outputs) unless they are offloaded to the
+  host, H in float64 for every group of the stage, and the largest layer's solver workspace;
+- time is flops over the measured matmul rate (forwards, X^T X, the solver's iterations) plus ALPS's float64
+  eigendecompositions at the measured eigh rate. ALPS's iteration count depends on the problem; the plan uses
+  the counts typical of the bundled model's layers (stated below), so its times are estimates.
+
+``plan_resources`` builds the plan; ``shortfalls`` compares it with what the machine has and says what to
+change when something does not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from alps_solver.problem import gram_matrix_flops
+
+from ..config.prune import PruneConfig
+from .rates import MachineRates
+from .shapes import ModelShape
+
+__all__ = ["PhaseEstimate", "ResourcePlan", "Shortfall", "plan_resources", "shortfalls"]
+
+GB = 1e9
+_ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# ADMM iterations, rho updates and backsolve iterations per layer: the means over the bundled model's layers at
+# 70% (alps: 32 iterations, 11 rho updates; alps-simple stops earlier). Other problems take more or fewer.
+_TYPICAL_ADMM = {"alps": (33, 11), "alps-simple": (18, 6), "admm_fixed_rho": (60, 0), "admm_fixed_mask": (100, 0)}
+_ALPS_FAMILY = set(_TYPICAL_ADMM)
+STARTUP_SECONDS = 20.0  # imports and the temporary Prefect server, measured on a 2-core machine
+_READ_BYTES_PER_SECOND = 1.0 * GB  # reading and casting checkpoint tensors (assumed)
+_WRITE_BYTES_PER_SECOND = 0.5 * GB  # writing and verifying the output (assumed)
+
+
+@dataclass(frozen=True)
+class PhaseEstimate:
+    name: str
+    disk: float  # bytes of scratch disk (the cache folder) at the phase's peak
+    host: float  # bytes of host RAM at the phase's peak (the process's own baseline included)
+    device: float  # bytes of device memory at the phase's peak (equal to host on a CPU run)
+    seconds: float  # the whole phase (every block, for the block phase)
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    model: str
+    device: str  # cpu or cuda
+    shape: ModelShape
+    boundary: float  # bytes of one boundary (a block's inputs or outputs)
+    boundaries_on_disk: int  # at the peak
+    output: float  # bytes of the pruned model's folder
+    block_seconds: float  # one block, the mean
+    phases: tuple[PhaseEstimate, ...]
+    rates: MachineRates
+    assumptions: tuple[str, ...] = field(default=())
+
+    @property
+    def scratch(self) -> float:
+        """Peak bytes in the cache folder: activations and the pruned weights of the blocks done."""
+        return max(phase.disk for phase in self.phases)
+
+    @property
+    def activations(self) -> float:
+        """Peak bytes of activations in the cache folder: a few boundaries, whatever the depth."""
+        return self.boundaries_on_disk * self.boundary
+
+    @property
+    def pruned_weights(self) -> float:
+        """Bytes of pruned block weights the cache folder holds by the last block (the decoder, in its dtype)."""
+        return self.shape.layers * self.shape.block_params * self.shape.checkpoint_bytes
+
+    @property
+    def host(self) -> float:
+        return max(phase.host for phase in self.phases)
+
+    @property
+    def device_memory(self) -> float:
+        return max(phase.device for phase in self.phases)
+
+    @property
+    def seconds(self) -> float:
+        return STARTUP_SECONDS + sum(phase.seconds for phase in self.phases)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "device": self.device, "boundary_bytes": self.boundary,
+                "boundaries_on_disk": self.boundaries_on_disk, "activation_bytes": self.activations,
+                "pruned_weight_bytes": self.pruned_weights, "scratch_bytes": self.scratch,
+                "host_bytes": self.host, "device_bytes": self.device_memory, "output_bytes": self.output,
+                "block_seconds": self.block_seconds, "seconds": self.seconds,
+                "rates": {"matmul_gflops": self.rates.matmul_gflops, "eigh_seconds_4096": self.rates.eigh_seconds,
+                          "source": self.rates.source},
+                "phases": [phase.__dict__ for phase in self.phases], "assumptions": list(self.assumptions)}
+
+
+@dataclass(frozen=True)
+class Shortfall:
+    resource: str  # "scratch disk", "output disk", "host RAM", "device memory"
+    needed: float
+    available: float
+    fixes: tuple[str, ...]
+
+    def describe(self) -> str:
+        return (f"{self.resource}: the run needs {self.needed / GB:.1f} GB, {self.available / GB:.1f} GB are "
+                f"available; " + "; or ".join(self.fixes))
+
+
+def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: int, rates: MachineRates,
+                   device: str, baseline: float) -> ResourcePlan:
+    """The plan of pruning ``shape`` with ``config`` (calibration windows of ``seqlen`` tokens, the configured
+    length capped by the model) on a ``device`` of type cpu or cuda; ``baseline`` is the process's own RAM
+    (interpreter, torch, transformers, Prefect) before any model is loaded."""
+    runtime, solver = config.runtime, config.solver
+    tokens = config.calibration.nsamples * seqlen
+    batch_tokens = min(runtime.batch_size, config.calibration.nsamples) * seqlen
+    boundary = tokens * shape.hidden * _ACTIVATION_BYTES[config.calibration.activation_dtype]
+    on_gpu = device == "cuda"
+    offloaded = runtime.offload_activations or not on_gpu  # on a CPU run the host is the device
+
+    # Scratch disk: boundaries at the peak (during the last block) and the pruned weights of every block.
+    if runtime.keep_activations:
+        boundaries = shape.layers + 1
+    else:
+        kept = (shape.layers - 1) // runtime.keep_every if runtime.keep_every else 0
+        boundaries = 3 + kept  # calibration inputs, the current inputs and outputs, the kept ones
+    block_stored = shape.block_params * shape.checkpoint_bytes
+    weights_on_disk = shape.layers * block_stored
+
+    # One batch through a block: the residual stream, attention's q/k/v/output and the MLP's widest
+    # intermediates (gate, up and their product), in float32.
+    widest = max(layer.d_out for layer in shape.linears)
+    batch_activations = batch_tokens * (6 * shape.hidden + 3 * widest) * 4
+
+    # Calibration: the stem in float32 (embeddings, norm, lm_head and one placeholder block per layer type),
+    # the stored tensors it is read from, and the captured hidden states (twice while they are concatenated).
+    stem32 = (shape.stem_params + shape.kinds * shape.block_params) * 4
+    calibration_host = baseline + stem32 + shape.stem_params * shape.checkpoint_bytes + 2 * boundary
+    calibration = PhaseEstimate(
+        "calibration", disk=boundary, host=calibration_host,
+        device=(stem32 + batch_activations) if on_gpu else calibration_host,
+        seconds=shape.stem_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND,
+        detail=f"{config.calibration.nsamples} x {seqlen} tokens through the stem")
+
+    # A block: H for each group solved in one stage (all of them by default), the largest solver workspace.
+    grams = [8.0 * d * d for d in shape.groups.values()]
+    held_grams = max(grams) if solver.true_sequential else sum(grams)
+    workspace = max(_workspace(solver.method, layer.d_out, layer.d_in) for layer in shape.linears)
+    block32 = shape.block_params * 4
+    resident = 0.0 if offloaded and on_gpu else boundary  # the inputs on the device
+    solve_peak = block32 + resident + held_grams + workspace + batch_activations
+    output_peak = block32 + 2 * resident + batch_activations + block_stored  # outputs beside the saved tensors
+    device_peak = max(solve_peak, output_peak)
+    if on_gpu:
+        host_peak = baseline + block_stored + (2 * boundary if offloaded else boundary)
+    else:
+        host_peak = baseline + block_stored + max(solve_peak, output_peak + boundary)
+    block_seconds = _block_seconds(shape, config, tokens, seqlen, rates)
+    blocks = PhaseEstimate(
+        "block solve", disk=boundaries * boundary + weights_on_disk, host=host_peak,
+        device=device_peak if on_gpu else host_peak,
+        seconds=shape.layers * block_seconds,
+        detail=f"{shape.layers} blocks; H {held_grams / GB:.2f} GB, solver workspace {workspace / GB:.2f} GB")
+
+    # Save: stream every tensor into the output folder and verify it; the scratch still holds the weights.
+    save = PhaseEstimate(
+        "save", disk=weights_on_disk + (boundaries - 2) * boundary, host=baseline + 3 * block_stored,
+        device=0.0 if on_gpu else baseline + 3 * block_stored,
+        seconds=2 * shape.model_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{shape.model_bytes / GB:.2f} GB written")
+
+    method = solver.method
+    assumptions = [f"rates {rates.source}: {rates.matmul_gflops:.0f} GFLOP/s float32 matmul, "
+                   f"{rates.eigh_seconds:.1f} s per float64 eigendecomposition of 4096"]
+    if method in _TYPICAL_ADMM:
+        iterations, updates = _TYPICAL_ADMM[method]
+        assumptions.append(f"{method}: {iterations} ADMM iterations and {updates} rho updates per layer (typical "
+                           "of the bundled model; the real count depends on the layer)")
+    return ResourcePlan(model=model, device=device, shape=shape, boundary=boundary, boundaries_on_disk=boundaries,
+                        output=shape.model_bytes, block_seconds=block_seconds, phases=(calibration, blocks, save),
+                        rates=rates, assumptions=tuple(assumptions))
+
+
+def _workspace(method: str, d_out: int, d_in: int) -> float:
+    """Bytes a method allocates beyond W and H while it solves one (d_out, d_in) layer."""
+    square, rect = float(d_in) * d_in, float(d_out) * d_in
+    if method in _ALPS_FAMILY:
+        # The float64 eigendecomposition: a copy of H, its eigenvectors and LAPACK's workspace (about 36 bytes
+        # per entry at its peak); then Hs, Q, (H + rho I)^-1 and a temporary in float32, and the iterates B, D,
+        # V, Z with B0, B0 Hs and the masks (about 30 bytes per weight).
+        return max(36 * square, 16 * square) + 30 * rect
+    if method == "sparsegpt":
+        return 12 * square + 12 * rect  # H and its inverse factor in float32; W, the errors and the mask
+    return 16 * rect  # scores and the sort's indices
+
+
+def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: int, rates: MachineRates) -> float:
+    solver = config.solver
+    groups = len(shape.groups)
+    # Forwards: the Gram collection (one pass, or one partial pass per group with true_sequential) and the
+    # outputs. Each is 2 flops per weight per token plus causal attention (2 x seqlen x width per token).
+    passes = (groups + 1) / 2 + 1 if solver.true_sequential else 2
+    forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+    flops = passes * forward + sum(gram_matrix_flops(tokens, d) for d in shape.groups.values())
+    eigh = 0.0
+    method = solver.method
+    for layer in shape.linears:
+        d_out, d = layer.d_out, layer.d_in
+        step = 2.0 * d_out * d * d  # one (d_out, d) x (d, d) product
+        if method in _TYPICAL_ADMM:
+            iterations, updates = _TYPICAL_ADMM[method]
+            checks = iterations / 3  # the error is measured at every support check
+            backsolve = getattr(solver.solver_config, "pcg_max_iter", 0) if method.startswith("alps") else 0
+            flops += (1 + iterations + checks + backsolve) * step + updates * float(d) ** 3
+        elif method == "sparsegpt":
+            flops += d_out * d * d  # the lazy column-block updates
+    for d in shape.groups.values():  # what a group's members share: one decomposition of H
+        if method in _ALPS_FAMILY:
+            eigh += rates.eigh(d)
+        elif method == "sparsegpt":
+            flops += 1.5 * float(d) ** 3  # Cholesky factor of H^-1 (factor, inverse, factor)
+    load = shape.block_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND
+    return rates.matmul(flops) + eigh + load
+
+
+def shortfalls(plan: ResourcePlan, *, scratch_free: float, output_free: float | None, host_available: float,
+               device_available: float | None, config: PruneConfig) -> list[Shortfall]:
+    """What does not fit: scratch and output disk (``output_free`` None when the output is on the scratch
+    disk), host RAM and device memory (None on a CPU run), each with the settings that would make it fit."""
+    runtime, calibration = config.runtime, config.calibration
+    found: list[Shortfall] = []
+    halve = calibration.activation_dtype == "float32"
+    scratch_needed = plan.scratch + (plan.output if output_free is None else 0.0)
+    if scratch_needed > scratch_free:
+        fixes = [f"--cache-dir on a disk with {scratch_needed / GB:.0f} GB free"]
+        if runtime.keep_activations:
+            fixes.insert(0, "drop --keep-activations (the run then keeps only a few boundaries)")
+        if runtime.keep_every:
+            fixes.insert(0, "--keep-every 0 (fewer kept boundaries)")
+        if halve:
+            fixes.append(f"--activation-dtype bfloat16 (saves {plan.boundaries_on_disk * plan.boundary / 2 / GB:.1f}"
+                         " GB)")
+        found.append(Shortfall("scratch disk", scratch_needed, scratch_free, tuple(fixes)))
+    if output_free is not None and plan.output > output_free:
+        found.append(Shortfall("output disk", plan.output, output_free,
+                               (f"--output on a disk with {plan.output / GB:.0f} GB free",)))
+    memory_fixes = []
+    if halve:
+        memory_fixes.append("--activation-dtype bfloat16")
+    if not config.solver.true_sequential:
+        memory_fixes.append("--true-sequential (one group's H at a time)")
+    memory_fixes.append("fewer --nsamples")
+    if plan.host > host_available:
+        found.append(Shortfall("host RAM", plan.host, host_available, tuple(memory_fixes)))
+    if device_available is not None and plan.device_memory > device_available:
+        fixes = ([] if runtime.offload_activations else ["--offload-activations"]) + memory_fixes
+        found.append(Shortfall("device memory", plan.device_memory, device_available, tuple(fixes)))
+    return found

@@ -1,0 +1,128 @@
+"""Resource plans (tasks/planning): shapes read from configs alone, the plan's hand-checkable terms, the
+shortfalls and their fixes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from tasks.blockwise.capture import capture_block_inputs
+from tasks.blockwise.gram import discover_groups
+from tasks.config.prune import PruneConfig
+from tasks.model.adapters import build_block
+from tasks.planning.check import InsufficientResources, check_plan, plan_for, shape_of
+from tasks.planning.estimate import Shortfall, plan_resources, shortfalls
+from tasks.planning.rates import MachineRates
+from tasks.planning.shapes import load_model_config, model_shape
+
+RATES = MachineRates(matmul_gflops=100.0, eigh_seconds=20.0, source="given")
+LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 128256,
+             "max_position_embeddings": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+def config(**settings) -> PruneConfig:
+    sections = {"nsamples": "calibration", "seqlen": "calibration", "activation_dtype": "calibration",
+                "keep_every": "runtime", "keep_activations": "runtime", "offload_activations": "runtime",
+                "batch_size": "runtime", "true_sequential": "solver", "method": "solver"}
+    nested: dict = {}
+    for name, value in settings.items():
+        nested.setdefault(sections[name], {})[name] = value
+    return PruneConfig(**nested)
+
+
+@pytest.fixture
+def tiny_llama(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    return tmp_path, model
+
+
+def test_shapes_from_the_config_match_the_model(tiny_llama):
+    folder, model = tiny_llama
+    shape = shape_of(str(folder))
+    block = model.model.layers[0]
+    assert shape.layers == 3 and shape.hidden == 32 and shape.checkpoint_bytes == 2
+    assert shape.block_params == sum(p.numel() for p in block.parameters())
+    assert shape.stem_params + 3 * shape.block_params == sum(p.numel() for p in model.parameters())
+    assert [(layer.name, layer.d_out, layer.d_in) for layer in shape.linears] == [
+        (name, module.out_features, module.in_features) for name, module in block.named_modules()
+        if isinstance(module, torch.nn.Linear)]
+    # The groups the plan assumes are the ones a forward finds.
+    tokens = torch.randint(0, 100, (2, 8))
+    inputs = capture_block_inputs(folder, tokens, device=torch.device("cpu"))
+    found = discover_groups(build_block(folder, 0, torch.float32, torch.device("cpu")), inputs)
+    assert {group[0]: len(group) for group in found} == {
+        leader: sum(layer.group == leader for layer in shape.linears) for leader in shape.groups}
+
+
+def test_a_bare_config_json_is_enough(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    assert shape.groups == {"self_attn.q_proj": 8192, "self_attn.o_proj": 8192, "mlp.gate_proj": 8192,
+                            "mlp.down_proj": 28672}
+    assert shape.checkpoint_bytes == 2 and round(shape.model_bytes / 1e9) == 141  # Llama-3.1-70B in bf16
+
+
+def test_scratch_is_a_few_boundaries_whatever_the_depth(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    run = config(nsamples=128, seqlen=2048)
+    plan = plan_resources("70b", shape, run, 2048, RATES, "cuda", baseline=0)
+    boundary = 128 * 2048 * 8192 * 4
+    assert plan.boundary == boundary and plan.boundaries_on_disk == 3
+    assert plan.activations == 3 * boundary  # 25.8 GB, not one boundary per block (690 GB)
+    shallow = plan_resources("70b", model_shape(load_model_config(path)).__class__(
+        **{**shape.__dict__, "layers": 4}), run, 2048, RATES, "cuda", baseline=0)
+    assert shallow.activations == plan.activations
+    kept = plan_resources("70b", shape, config(nsamples=128, seqlen=2048, keep_every=20), 2048, RATES, "cuda", 0)
+    assert kept.boundaries_on_disk == 3 + 3  # boundaries 20, 40 and 60 are kept as well
+    every = plan_resources("70b", shape, config(nsamples=128, seqlen=2048, keep_activations=True), 2048, RATES,
+                           "cuda", 0)
+    assert every.activations == 81 * boundary
+    half = plan_resources("70b", shape, config(nsamples=128, seqlen=2048, activation_dtype="bfloat16"), 2048, RATES,
+                          "cuda", 0)
+    assert half.activations == plan.activations / 2
+    offloaded = plan_resources("70b", shape, config(nsamples=128, seqlen=2048, offload_activations=True), 2048,
+                               RATES, "cuda", 0)
+    # The device's peak is the solve (the inputs beside every H); the outputs come once the Hs are freed.
+    assert plan.device_memory - offloaded.device_memory == pytest.approx(boundary)
+    assert plan.pruned_weights == 80 * shape.block_params * 2
+
+
+def test_what_does_not_fit_names_the_numbers_and_the_fixes(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    run = config(nsamples=128, seqlen=2048, keep_every=10)
+    plan = plan_resources("70b", shape, run, 2048, RATES, "cuda", baseline=0)
+    found = shortfalls(plan, scratch_free=50e9, output_free=None, host_available=1e12, device_available=40e9,
+                       config=run)
+    assert [s.resource for s in found] == ["scratch disk", "device memory"]
+    disk, device = found
+    assert disk.needed == pytest.approx(plan.scratch + plan.output) and disk.available == 50e9
+    assert any("--keep-every 0" in fix for fix in disk.fixes)
+    assert any("--activation-dtype bfloat16" in fix for fix in disk.fixes)
+    assert device.fixes[0] == "--offload-activations"
+    assert not shortfalls(plan, scratch_free=1e13, output_free=None, host_available=1e12, device_available=1e12,
+                          config=run)
+    assert isinstance(found[0], Shortfall) and "GB" in found[0].describe()
+
+
+def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_llama):
+    from tasks.planning.check import Available
+
+    folder, _ = tiny_llama
+    run = config(nsamples=4, seqlen=16)
+    plan = plan_for(str(folder), run, rates=RATES, device="cpu", baseline=1e8)
+    with pytest.raises(InsufficientResources, match="scratch disk needs .* GB available") as info:
+        check_plan(plan, run, Available(scratch_free=1e3, output_free=None, host=1e12, device=None))
+    assert "--cache-dir on a disk" in info.value.fix and "--no-resource-check" in info.value.fix
+    assert check_plan(plan, run, Available(scratch_free=1e12, output_free=None, host=1e12, device=None)) == []
