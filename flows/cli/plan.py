@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from tasks.common.errors import SettingError
+from tasks.common.files import atomic_write_text
 from tasks.config.prune import PruneConfig
 from tasks.config.validation import validated
 
@@ -74,6 +75,7 @@ def plan_command(
                                                         show_default=False)] = None,
 ) -> None:
     """Print the peak scratch disk, RAM and device memory of each phase of a prune run, and its time."""
+    import flows.prune  # noqa: F401 (what a prune process imports is part of its RAM: the plan's baseline)
     from tasks.planning.check import available, check_plan, plan_for
     from tasks.planning.rates import MachineRates
 
@@ -99,7 +101,7 @@ def plan_command(
     plan = plan_for(model, config, rates=rates, device=target)
     print_plan(plan)
     if json_output is not None:
-        json_output.write_text(json.dumps(plan.to_json(), indent=2, default=str) + "\n")
+        atomic_write_text(json_output, json.dumps(plan.to_json(), indent=2, default=str) + "\n")
         console.print(f"Wrote {json_output}")
     machine = available(config, plan.device)
     if given:  # a plan for another machine: only the device memory it was given can be checked

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from transformers import AutoConfig
 
@@ -114,11 +115,5 @@ def _existing(path: Path) -> Path:
 
 
 def _host_available() -> float:
-    """Bytes of RAM the system can still give (MemAvailable on Linux, else all physical memory)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    """Bytes of RAM the system can still give without swapping."""
+    return float(psutil.virtual_memory().available)

