@@ -37,8 +37,8 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
     check_output_folder(config.output)
     model = prepare_model(config.model)
     check_pattern_fits(model, config.solver.pattern)
-    check_resources(model, config)  # disk, RAM and device memory the run needs, refused now if they are lacking
     chain = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
+    check_resources(model, config, chain)  # disk, RAM and device memory: a run that cannot fit stops now
     settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment) as run_id:
@@ -51,7 +51,8 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
         report = build_report(model, config, calibration, blocks)
         output = save_pruned_model(model, blocks, config, report)
         if not config.runtime.keep_activations:
-            release_activations([calibration.inputs] + [block.outputs for block in blocks])
+            released = [block.outputs for block in blocks]
+            release_activations(released if config.runtime.keep_calibration else [calibration.inputs, *released])
         record = report.to_json()
         tracking.log_prune_run(record, output, run_id=run_id, log_model=config.output.log_model)
         publish_block_errors(record)

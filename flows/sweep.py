@@ -13,7 +13,7 @@ from flows.prune import prune_model
 from tasks.config.prune import PruneConfig
 from tasks.config.sweep import SweepConfig
 from tasks.orchestration import flow, run_logger, task
-from tasks.sweep import SweepFailed, summarize_sweep
+from tasks.sweep import SweepFailed, activation_files, release_new_activations, summarize_sweep
 from tasks.tracking import runs as tracking
 from tasks.tracking.sweeps import ConfigurationRow, SweepSummary, configuration_row
 
@@ -30,13 +30,16 @@ def sweep_models(config: SweepConfig = SweepConfig()) -> SweepSummary:
     then write a summary table artifact, ``sweep_summary.json`` and a plot of error against sparsity. A failed
     configuration is a row of the summary; the sweep then fails after writing it."""
     configs = config.plan()
+    cache_dir = configs[0].runtime.resolved_cache_dir()
+    existing = activation_files(cache_dir)
     with _tracked_sweep(config) if config.track else nullcontext() as parent:
-        # The first configuration runs alone: it captures the calibration inputs, whose cached record the
-        # others reuse (each recaptures the activations if the runs before it released them).
+        # The first configuration runs alone: it captures the calibration inputs that all the others reuse.
         rows = [prune_configuration(configs[0], parent)]
         for start in range(1, len(configs), config.concurrency):
             wave = [prune_configuration.submit(c, parent) for c in configs[start:start + config.concurrency]]
             rows += [future.result() for future in wave]
+        if not config.runtime.keep_activations:
+            release_new_activations(cache_dir, existing)
         summary = summarize_sweep(config.model, rows, config.output)
         if summary.failed:  # after the summary, so the finished configurations are reported
             raise SweepFailed(f"{len(summary.failed)} of {len(rows)} configurations failed: "

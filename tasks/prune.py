@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -68,9 +69,10 @@ def prepare_model(reference: str) -> PreparedModel:
     return prepare(reference)
 
 
-def check_resources(model: PreparedModel, config: PruneConfig) -> ResourcePlan:
+def check_resources(model: PreparedModel, config: PruneConfig, chain: BlockChain) -> ResourcePlan:
     """The run's resource plan, logged; a run that cannot fit the free disk, RAM or device memory is refused
-    before any work (``InsufficientResources``), unless ``runtime.check_resources`` is off."""
+    before any work (``InsufficientResources``), unless ``runtime.check_resources`` is off. What an earlier
+    attempt already wrote to the cache folder (``chain``'s files) counts as available: a resume needs less."""
     plan = plan_for(model.reference, config, shape=shape_of(str(model.folder)))
     run_logger(logger).info(
         "plan: activations %.2f GB on disk (%d boundaries), pruned weights %.2f GB, output %.2f GB; peak RAM %.2f GB%s;"
@@ -79,7 +81,12 @@ def check_resources(model: PreparedModel, config: PruneConfig) -> ResourcePlan:
         f", device {plan.device_memory / 1e9:.2f} GB" if plan.device == "cuda" else "", plan.block_seconds,
         plan.seconds / 60)
     if config.runtime.check_resources:
-        check_plan(plan, config, available(config, plan.device))
+        machine = available(config, plan.device)
+        cache_dir = config.runtime.resolved_cache_dir()
+        written = [steps.activation_path(cache_dir, link.key) for link in (chain.calibration, *chain.blocks)]
+        written += [cache_dir / steps.BLOCKS / f"{link.key}.safetensors" for link in chain.blocks]
+        credit = sum(path.stat().st_size for path in written if path.is_file())
+        check_plan(plan, config, replace(machine, scratch_free=machine.scratch_free + credit))
     return plan
 
 
@@ -201,7 +208,11 @@ def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationRe
     else:
         inputs = calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen).inputs
     for replayed in blocks[start:index]:
+        previous = inputs
         inputs = _run_link(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
+        if replayed.index > start and not (config.runtime.keep_activations
+                                           or is_kept(replayed.index, config.runtime.keep_every)):
+            delete_activations([previous])  # read by the replay just done: superseded, as in the main loop
     return inputs
 
 

@@ -43,11 +43,14 @@ KeepActivationsOption = Annotated[bool, typer.Option(
     "disk; a rerun replays nothing).")]
 KeepEveryOption = Annotated[int, typer.Option(
     "--keep-every", min=0, help="Also keep every K-th block boundary's activations while the run goes on, so a "
-    "resume replays at most K-1 blocks (0: only the calibration inputs and the current block's inputs and "
+    "resume replays at most K blocks (0: only the calibration inputs and the current block's inputs and "
     "outputs).")]
 ActivationDtypeOption = Annotated[str, typer.Option(
     "--activation-dtype", help="Dtype the block inputs and outputs are stored and kept in: float32, bfloat16 or "
     "float16 (the block math and H stay float32/float64).")]
+ResourceCheckOption = Annotated[bool, typer.Option(
+    "--resource-check/--no-resource-check", help="Refuse a run whose plan (`alps plan`) does not fit this "
+    "machine's free disk, RAM or device memory.")]
 OffloadActivationsOption = Annotated[bool, typer.Option(
     "--offload-activations", help="Keep block inputs and outputs in host memory; move one batch at a time to "
     "the device.")]

@@ -76,7 +76,7 @@ def plan_command(
 ) -> None:
     """Print the peak scratch disk, RAM and device memory of each phase of a prune run, and its time."""
     import flows.prune  # noqa: F401 (what a prune process imports is part of its RAM: the plan's baseline)
-    from tasks.planning.check import available, check_plan, plan_for
+    from tasks.planning.check import Available, available, check_plan, plan_for
     from tasks.planning.rates import MachineRates
 
     if (matmul_gflops is None) != (eigh_seconds is None):
@@ -105,10 +105,10 @@ def plan_command(
         console.print(f"Wrote {json_output}")
     machine = available(config, plan.device)
     if given:  # a plan for another machine: only the device memory it was given can be checked
-        machine = type(machine)(scratch_free=float("inf"), output_free=None, host=float("inf"),
-                                device=device_memory * GB if device_memory is not None else None)
+        machine = Available(scratch_free=float("inf"), output_free=None, host=float("inf"),
+                            device=device_memory * GB if device_memory is not None else None)
     elif device_memory is not None:
-        machine = type(machine)(machine.scratch_free, machine.output_free, machine.host, device_memory * GB)
+        machine = Available(machine.scratch_free, machine.output_free, machine.host, device_memory * GB)
     check_plan(plan, config, machine)
     if given and device_memory is None:
         console.print("Not checked against a machine: give --device-memory to check the planned GPU's.")

@@ -28,6 +28,7 @@ from .options import (
     ModelOption,
     NsamplesOption,
     OffloadActivationsOption,
+    ResourceCheckOption,
     SeedOption,
     SeqlenOption,
     ThreadsOption,
@@ -93,9 +94,7 @@ def prune_command(
     data_dir: DataDirOption = DEFAULT.runtime.data_dir,
     keep_activations: KeepActivationsOption = DEFAULT.runtime.keep_activations,
     keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
-    check_resources: Annotated[bool, typer.Option("--resource-check/--no-resource-check", help="Refuse a run whose "
-                                                  "plan (`alps plan`) does not fit this machine's free disk, RAM or "
-                                                  "device memory.")] = DEFAULT.runtime.check_resources,
+    check_resources: ResourceCheckOption = DEFAULT.runtime.check_resources,
     offload_activations: OffloadActivationsOption = DEFAULT.runtime.offload_activations,
     activation_dtype: ActivationDtypeOption = DEFAULT.calibration.activation_dtype,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate the pruned model at the end.")]

@@ -122,9 +122,12 @@ class RuntimeConfig(_Settings):
     cache_dir: Path | None = Field(None, description="the run's cache folder (task results, block weights, "
                                    "activations); default $ALPS_CACHE_DIR/runs")
     data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR, else the hub")
-    keep_activations: bool = Field(False, description="keep every block's calibration activations after success")
+    keep_activations: bool = Field(False, description="keep every block boundary's activations, during and after "
+                                   "the run (the most disk; a rerun then replays nothing)")
+    keep_calibration: bool = Field(False, description="keep the calibration inputs after the run (a sweep's "
+                                   "configurations share them; the sweep deletes them at its end)")
     keep_every: int = Field(0, ge=0, description="also keep every K-th block boundary's activations while the run "
-                            "goes on, so a resume replays at most K-1 blocks (0: only the current block's inputs "
+                            "goes on, so a resume replays at most K blocks (0: only the current block's inputs "
                             "and outputs, the least disk)")
     offload_activations: bool = Field(False, description="keep the block inputs and outputs in host memory and "
                                       "move one batch at a time to the device (less GPU memory)")

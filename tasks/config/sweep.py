@@ -60,9 +60,10 @@ class SweepConfig(BaseModel):
         return self
 
     def plan(self) -> list[PruneConfig]:
-        """One PruneConfig per (method, pattern), method-major, all on one cache folder (so they share the
-        calibration capture's record), each owning its folder: a rerun (the next night) replaces it."""
-        runtime = self.runtime
+        """One PruneConfig per (method, pattern), method-major. Each keeps the calibration inputs after it ends,
+        so the later ones reuse the first one's capture (the sweep releases what it created at the end), and
+        owns its folder: a rerun (the next night) replaces it."""
+        runtime = self.runtime.model_copy(update={"keep_calibration": True})
         return [
             PruneConfig(
                 model=self.model,

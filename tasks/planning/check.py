@@ -99,11 +99,12 @@ def check_plan(plan: ResourcePlan, config: PruneConfig, machine: Available) -> l
     found = shortfalls(plan, scratch_free=machine.scratch_free, output_free=machine.output_free,
                        host_available=machine.host, device_available=machine.device, config=config)
     if found:
+        first = found[0]
         raise InsufficientResources(
-            "model", plan.model, "the run does not fit this machine: " + "; ".join(
-                f"{s.resource} needs {s.needed / GB:.1f} GB, {s.available / GB:.1f} GB available" for s in found),
-            "; ".join(f"for {s.resource}: {' or '.join(s.fixes)}" for s in found)
-            + " (see `alps plan`; --no-resource-check runs anyway)")
+            first.resource, f"{first.needed / GB:.1f} GB needed",
+            "the run does not fit this machine: " + "; ".join(s.describe() for s in found),
+            "change what is named above (`alps plan` shows the whole plan), or pass --no-resource-check to run "
+            "anyway")
     return found
 
 

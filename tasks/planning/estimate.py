@@ -109,8 +109,8 @@ class Shortfall:
     fixes: tuple[str, ...]
 
     def describe(self) -> str:
-        return (f"{self.resource}: the run needs {self.needed / GB:.1f} GB, {self.available / GB:.1f} GB are "
-                f"available; " + "; or ".join(self.fixes))
+        return (f"{self.resource} needs {self.needed / GB:.1f} GB, {self.available / GB:.1f} GB available (fix: "
+                + " or ".join(self.fixes) + ")")
 
 
 def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: int, rates: MachineRates,
@@ -129,8 +129,10 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     if runtime.keep_activations:
         boundaries = shape.layers + 1
     else:
-        kept = (shape.layers - 1) // runtime.keep_every if runtime.keep_every else 0
-        boundaries = 3 + kept  # calibration inputs, the current inputs and outputs, the kept ones
+        # During the last block: the calibration inputs, its inputs and outputs, and the kept boundaries before
+        # its inputs (1 .. layers - 2).
+        kept = max(shape.layers - 2, 0) // runtime.keep_every if runtime.keep_every else 0
+        boundaries = 3 + kept
     block_stored = shape.block_params * shape.checkpoint_bytes
     weights_on_disk = shape.layers * block_stored
 
@@ -158,10 +160,10 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     solve_peak = block32 + resident + held_grams + workspace + batch_activations
     output_peak = block32 + 2 * resident + batch_activations + block_stored  # outputs beside the saved tensors
     device_peak = max(solve_peak, output_peak)
-    if on_gpu:
+    if on_gpu:  # the stored tensors, and the activations in host memory (offloaded) or passing through it
         host_peak = baseline + block_stored + (2 * boundary if offloaded else boundary)
     else:
-        host_peak = baseline + block_stored + max(solve_peak, output_peak + boundary)
+        host_peak = baseline + max(solve_peak, output_peak)
     block_seconds = _block_seconds(shape, config, tokens, seqlen, rates)
     blocks = PhaseEstimate(
         "block solve", disk=boundaries * boundary + weights_on_disk, host=host_peak,
@@ -171,7 +173,7 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
 
     # Save: stream every tensor into the output folder and verify it; the scratch still holds the weights.
     save = PhaseEstimate(
-        "save", disk=weights_on_disk + (boundaries - 2) * boundary, host=baseline + 3 * block_stored,
+        "save", disk=weights_on_disk + (boundaries - 1) * boundary, host=baseline + 3 * block_stored,
         device=0.0 if on_gpu else baseline + 3 * block_stored,
         seconds=2 * shape.model_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{shape.model_bytes / GB:.2f} GB written")
 

@@ -1,4 +1,4 @@
-"""How fast this machine runs what a pruning run spends its time on, measured in about two seconds.
+"""How fast this machine runs what a pruning run spends its time on, measured in about a second.
 
 Two rates set a block's time: float32 matrix products (the forwards, X^T X, the solvers' iterations, SparseGPT's
 factorisations) and float64 symmetric eigendecompositions (ALPS's one per H). Both are timed on the run's

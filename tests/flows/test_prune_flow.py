@@ -280,6 +280,19 @@ def test_scratch_is_bounded_and_a_resume_replays_from_the_nearest_kept_boundary(
     assert (resumed.output / "model.safetensors.index.json").is_file()
 
 
+def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefect_harness, tokenizer, tmp_path):
+    model_dir = save_model(tmp_path / "model", tokenizer, dtype=torch.float16)
+    result = prune_model(config_for(model_dir, tmp_path))
+    before, after = tensors_of(model_dir), tensors_of(result.output)
+    assert {t.dtype for t in after.values()} == {torch.float16}
+    pruned = [name for name in after if is_block_linear(name)]
+    assert all(int((after[n] != 0).sum()) == after[n].numel() // 2 for n in pruned)
+    assert all(torch.equal(after[n], before[n]) for n in after if n not in pruned)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.output, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(reloaded(torch.tensor([[1, 2, 3]])).logits).all()
+
+
 def test_bf16_activations_on_the_host_halve_the_scratch_and_barely_move_the_errors(prefect_harness, tokenizer,
                                                                                    tmp_path):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=2)

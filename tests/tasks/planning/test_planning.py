@@ -124,5 +124,5 @@ def test_a_run_that_does_not_fit_is_refused_before_any_work(tiny_llama):
     plan = plan_for(str(folder), run, rates=RATES, device="cpu", baseline=1e8)
     with pytest.raises(InsufficientResources, match="scratch disk needs .* GB available") as info:
         check_plan(plan, run, Available(scratch_free=1e3, output_free=None, host=1e12, device=None))
-    assert "--cache-dir on a disk" in info.value.fix and "--no-resource-check" in info.value.fix
+    assert "--cache-dir on a disk" in str(info.value) and "--no-resource-check" in info.value.fix
     assert check_plan(plan, run, Available(scratch_free=1e12, output_free=None, host=1e12, device=None)) == []
