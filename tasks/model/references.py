@@ -120,9 +120,9 @@ class ResolvedModel(ModelSource):
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "kind": self.kind.value}
 
-def bundled_gguf_path(name: str) -> Path:
+def bundled_gguf_path(name: str, *, join: bool = True) -> Path:
     """The GGUF file of a bundled model, found through the package specs (the packages are not imported); a
-    chunked file is joined once under the cache root."""
+    chunked file is joined once under the cache root (``join=False``: only where it goes)."""
     bundled = BUNDLED_MODELS[name]
     paths = []
     for package, inner in bundled.parts:
@@ -136,7 +136,7 @@ def bundled_gguf_path(name: str) -> Path:
         paths.append(path)
     if len(paths) == 1:
         return paths[0]
-    return _joined(bundled, paths)
+    return _joined(bundled, paths) if join else cache_root() / "bundled" / bundled.filename
 
 
 def _joined(bundled: BundledModel, chunks: list[Path]) -> Path:
@@ -227,13 +227,15 @@ def describe_bundled_models() -> list[dict[str, str]]:
     rows = []
     for name, bundled in BUNDLED_MODELS.items():
         try:
-            gguf = bundled_gguf_path(name)
+            gguf = bundled_gguf_path(name, join=False)
         except ModelReferenceError as error:
             status = f"not installed ({error.fix})"
         else:
-            folder = conversion_destination(gguf, sha256_file(gguf))
-            converted = (folder / "config.json").is_file()
-            status = f"converted: {folder}" if converted else f"installed, converted on first use ({gguf})"
+            folder = conversion_destination(gguf, sha256_file(gguf)) if gguf.is_file() else None
+            if folder is not None and (folder / "config.json").is_file():
+                status = f"converted: {folder}"
+            else:
+                status = f"installed, converted on first use ({gguf})"
         rows.append({"name": name, "description": bundled.description, "status": status})
     return rows
 

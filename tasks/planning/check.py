@@ -8,9 +8,8 @@ naming the numbers and the settings that would fit, when the run cannot fit.
 from __future__ import annotations
 
 import os
-import resource
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import psutil
@@ -56,9 +55,11 @@ def shape_of(reference: str) -> ModelShape:
         return model_shape(config)
     folder = Path(source.location)
     config = load_model_config(folder)
-    stored = Checkpoint(folder).dtypes("")
-    dtype = max(stored.values(), key=lambda d: list(stored.values()).count(d)) if stored else None
-    return model_shape(config, dtype)
+    checkpoint = Checkpoint(folder)
+    stored = list(checkpoint.dtypes("").values())
+    dtype = max(set(stored), key=stored.count) if stored else None
+    largest = max(path.stat().st_size for path in checkpoint.files())
+    return replace(model_shape(config, dtype), largest_file=largest)
 
 
 def plan_for(reference: str, config: PruneConfig, *, shape: ModelShape | None = None,
@@ -75,8 +76,8 @@ def plan_for(reference: str, config: PruneConfig, *, shape: ModelShape | None = 
         rates = measure_rates(resolve_device(config.runtime.device) if target != "cpu" else torch.device("cpu"),
                               config.runtime.threads)
     seqlen = cap_seqlen(config.calibration.seqlen, shape.max_positions or None)
-    if baseline is None:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0
+    if baseline is None:  # the current RSS: a peak from before (or inherited across exec) would overstate it
+        baseline = float(psutil.Process().memory_info().rss)
     return plan_resources(reference, shape, config, seqlen, rates, target, baseline)
 
 
@@ -88,7 +89,7 @@ def available(config: PruneConfig, device: str) -> Available:
     return Available(
         scratch_free=float(shutil.disk_usage(cache).free),
         output_free=None if same_disk else float(shutil.disk_usage(output).free),
-        host=_host_available() + resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0,
+        host=_host_available() + float(psutil.Process().memory_info().rss),
         device=float(torch.cuda.mem_get_info(resolve_device(config.runtime.device))[0])
         if device == "cuda" and torch.cuda.is_available() else None,
     )

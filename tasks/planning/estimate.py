@@ -132,7 +132,7 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         # During the last block: the calibration inputs, its inputs and outputs, and the kept boundaries before
         # its inputs (1 .. layers - 2).
         kept = max(shape.layers - 2, 0) // runtime.keep_every if runtime.keep_every else 0
-        boundaries = 3 + kept
+        boundaries = min(3, shape.layers + 1) + kept  # a one-block model never holds a third
     block_stored = shape.block_params * shape.checkpoint_bytes
     weights_on_disk = shape.layers * block_stored
 
@@ -172,9 +172,12 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         detail=f"{shape.layers} blocks; H {held_grams / GB:.2f} GB, solver workspace {workspace / GB:.2f} GB")
 
     # Save: stream every tensor into the output folder and verify it; the scratch still holds the weights.
+    # Tensors are read through memory maps, whose pages count in the process's RAM: the file being written
+    # and verified, beside a block's worth of the originals and the pruned block files.
+    save_host = baseline + shape.shard_bytes + 3 * block_stored
     save = PhaseEstimate(
-        "save", disk=weights_on_disk + (boundaries - 1) * boundary, host=baseline + 3 * block_stored,
-        device=0.0 if on_gpu else baseline + 3 * block_stored,
+        "save", disk=weights_on_disk + (boundaries - 1) * boundary, host=save_host,
+        device=0.0 if on_gpu else save_host,
         seconds=2 * shape.model_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{shape.model_bytes / GB:.2f} GB written")
 
     method = solver.method
@@ -216,10 +219,11 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
         d_out, d = layer.d_out, layer.d_in
         step = 2.0 * d_out * d * d  # one (d_out, d) x (d, d) product
         if method in _TYPICAL_ADMM:
+            # B0 Hs once, one weight step per iteration, one H product per backsolve iteration, and a rebuilt
+            # (H + rho I)^-1 (a d^3 product) per rho update.
             iterations, updates = _TYPICAL_ADMM[method]
-            checks = iterations / 3  # the error is measured at every support check
             backsolve = getattr(solver.solver_config, "pcg_max_iter", 0) if method.startswith("alps") else 0
-            flops += (1 + iterations + checks + backsolve) * step + updates * float(d) ** 3
+            flops += (1 + iterations + backsolve) * step + updates * float(d) ** 3
         elif method == "sparsegpt":
             flops += d_out * d * d  # the lazy column-block updates
     for d in shape.groups.values():  # what a group's members share: one decomposition of H
@@ -253,8 +257,8 @@ def shortfalls(plan: ResourcePlan, *, scratch_free: float, output_free: float | 
         found.append(Shortfall("output disk", plan.output, output_free,
                                (f"--output on a disk with {plan.output / GB:.0f} GB free",)))
     memory_fixes = []
-    if halve:
-        memory_fixes.append("--activation-dtype bfloat16")
+    if halve:  # the block's inputs and outputs at half the size
+        memory_fixes.append(f"--activation-dtype bfloat16 (saves up to {plan.boundary / GB:.1f} GB)")
     if not config.solver.true_sequential:
         memory_fixes.append("--true-sequential (one group's H at a time)")
     memory_fixes.append("fewer --nsamples")

@@ -20,7 +20,10 @@ from ..common.files import atomic_write_json, cache_root
 __all__ = ["MachineRates", "measure_rates"]
 
 _MATMUL_SIZE = 1536  # float32 square product timed for the matmul rate
-_EIGH_SIZE = 1024  # float64 eigendecomposition timed for the eigh rate
+# float64 eigendecomposition timed for the eigh rate: at 1024 LAPACK is still far from its large-matrix rate
+# (scaled as d^3, 1024 overstated a 5632-wide decomposition twice over on a 2-core CPU; 2048 is within 10%)
+_EIGH_SIZE = 2048
+_VERSION = 2  # of how the rates are measured: part of the cached file's name
 EIGH_REFERENCE = 4096  # rates state the eigendecomposition's time at this size (scaled as d^3)
 
 
@@ -43,7 +46,7 @@ def measure_rates(device: torch.device, threads: int | None = None, *, refresh: 
     timed once and then read from the cache root."""
     threads = threads or torch.get_num_threads()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    key = f"{name}-{threads}-threads-torch-{torch.__version__}".replace(" ", "_").replace("/", "_")
+    key = f"v{_VERSION}-{name}-{threads}-threads-torch-{torch.__version__}".replace(" ", "_").replace("/", "_")
     path = cache_root() / "rates" / f"{key}.json"
     if path.is_file() and not refresh:
         return MachineRates(**json.loads(path.read_text()))

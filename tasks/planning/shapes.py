@@ -47,6 +47,7 @@ class ModelShape:
     stem_params: int  # everything outside the blocks: embeddings, final norm, untied lm_head
     checkpoint_bytes: int  # bytes per parameter as stored (2 for bf16/fp16, 4 for float32)
     max_positions: int  # 0 when the config does not say
+    largest_file: int = 0  # bytes of the checkpoint's largest weight file; 0: unknown (a bare config)
 
     @property
     def groups(self) -> dict[str, int]:
@@ -61,6 +62,11 @@ class ModelShape:
     def model_bytes(self) -> int:
         """The checkpoint's size: what the pruned model's folder takes."""
         return (self.layers * self.block_params + self.stem_params) * self.checkpoint_bytes
+
+    @property
+    def shard_bytes(self) -> int:
+        """The largest weight file, or for a bare config the hub's usual 5 GB shards (or the whole model)."""
+        return self.largest_file or min(self.model_bytes, 5 * 10**9)
 
 
 def load_model_config(location: Path) -> PretrainedConfig:

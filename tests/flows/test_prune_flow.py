@@ -296,7 +296,7 @@ def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefec
 def test_bf16_activations_on_the_host_halve_the_scratch_and_barely_move_the_errors(prefect_harness, tokenizer,
                                                                                    tmp_path):
     model_dir = save_model(tmp_path / "model", tokenizer, layers=2)
-    full = prune_model(config_for(model_dir, tmp_path / "full", keep_activations=True))
+    full = prune_model(config_for(model_dir, tmp_path / "full", keep_activations=True, activation_dtype="float32"))
     half = prune_model(config_for(model_dir, tmp_path / "half", keep_activations=True,
                                   activation_dtype="bfloat16", offload_activations=True))
     for run, dtype in (("full", "F32"), ("half", "BF16")):
@@ -328,8 +328,13 @@ def test_the_plans_scratch_matches_the_run_and_a_run_that_cannot_fit_is_refused(
     assert abs(plan.activations - activations) / activations < 0.25, (plan.activations, activations)
     assert abs(plan.pruned_weights - weights) / weights < 0.25, (plan.pruned_weights, weights)
 
+    # What the finished run left in its cache (the pruned weights) counts as available to a rerun on that
+    # cache; the same free space refuses a run on an empty cache.
+    free = plan.activations + plan.output + 0.5 * plan.pruned_weights
     monkeypatch.setattr(tasks.prune, "available", lambda config, device: Available(
-        scratch_free=1e5, output_free=None, host=1e12, device=None))
+        scratch_free=free, output_free=None, host=1e12, device=None))
+    assert prune_model(config.model_copy(update={"output": config.output.model_copy(
+        update={"overwrite": True})})).report.reused_blocks == [0, 1, 2, 3]
     refused = config_for(model_dir, tmp_path / "refused", nsamples=8, seqlen=64)
     with pytest.raises(InsufficientResources, match="scratch disk"):
         prune_model(refused)

@@ -18,6 +18,7 @@ def test_a_70b_plan_from_its_config_json_holds_a_few_boundaries(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(LLAMA_70B))
     result = runner.invoke(app, ["plan", "--model", str(path), "--nsamples", "128", "--seqlen", "2048", *GIVEN_GPU,
+                                 "--activation-dtype", "float32",
                                  "--device-memory", "80", "--json", str(tmp_path / "plan.json")], terminal_width=120)
     assert result.exit_code == 0, result.output
     assert "3 boundaries of 8.59 GB" in result.output and "It fits the given device memory" in result.output

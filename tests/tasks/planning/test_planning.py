@@ -28,6 +28,7 @@ def config(**settings) -> PruneConfig:
     sections = {"nsamples": "calibration", "seqlen": "calibration", "activation_dtype": "calibration",
                 "keep_every": "runtime", "keep_activations": "runtime", "offload_activations": "runtime",
                 "batch_size": "runtime", "true_sequential": "solver", "method": "solver"}
+    settings.setdefault("activation_dtype", "float32")  # the hand-checked sizes below are float32's
     nested: dict = {}
     for name, value in settings.items():
         nested.setdefault(sections[name], {})[name] = value
