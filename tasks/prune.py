@@ -164,9 +164,12 @@ def release_superseded(blocks: list[BlockResult], runtime: RuntimeConfig) -> Non
     """Once the last of ``blocks`` is done, delete its inputs (the outputs of the block before it) unless that
     boundary is kept (``tasks.blockwise.chain.is_kept``) or every activation is (``keep_activations``)."""
     boundary = len(blocks) - 1
-    if runtime.keep_activations or is_kept(boundary, runtime.keep_every):
-        return
-    delete_activations([blocks[boundary - 1].outputs])
+    if not _outlives_its_block(boundary, runtime):
+        delete_activations([blocks[boundary - 1].outputs])
+
+
+def _outlives_its_block(boundary: int, runtime: RuntimeConfig) -> bool:
+    return runtime.keep_activations or is_kept(boundary, runtime.keep_every)
 
 
 def _run_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
@@ -210,8 +213,7 @@ def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationRe
     for replayed in blocks[start:index]:
         previous = inputs
         inputs = _run_link(Link(replayed.key, "replay", replayed.index), model, inputs, config).outputs
-        if replayed.index > start and not (config.runtime.keep_activations
-                                           or is_kept(replayed.index, config.runtime.keep_every)):
+        if replayed.index > start and not _outlives_its_block(replayed.index, config.runtime):
             delete_activations([previous])  # read by the replay just done: superseded, as in the main loop
     return inputs
 

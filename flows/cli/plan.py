@@ -7,6 +7,7 @@ node, planned from a laptop) from given rates, and for a model known only by its
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -37,7 +38,7 @@ from .prune import FLAGS
 __all__ = ["plan_command"]
 
 DEFAULT = PruneConfig()
-GB = 1e9
+GB = 1e9  # as tasks.planning.estimate counts; not imported from there, which would load torch for --help
 
 
 @app.command("plan")
@@ -103,12 +104,13 @@ def plan_command(
     if json_output is not None:
         atomic_write_text(json_output, json.dumps(plan.to_json(), indent=2, default=str) + "\n")
         console.print(f"Wrote {json_output}")
-    machine = available(config, plan.device)
     if given:  # a plan for another machine: only the device memory it was given can be checked
         machine = Available(scratch_free=float("inf"), output_free=None, host=float("inf"),
                             device=device_memory * GB if device_memory is not None else None)
-    elif device_memory is not None:
-        machine = Available(machine.scratch_free, machine.output_free, machine.host, device_memory * GB)
+    else:
+        machine = available(config, plan.device)
+        if device_memory is not None:
+            machine = replace(machine, device=device_memory * GB)
     check_plan(plan, config, machine)
     if given and device_memory is None:
         console.print("Not checked against a machine: give --device-memory to check the planned GPU's.")

@@ -71,10 +71,9 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     target = resolve_device(runtime.device)
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
-    block, block_inputs = _load_block(model, index, inputs, runtime, target)
+    block, block_inputs, prefix = _load_block(model, index, inputs, runtime, target)
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage)
 
-    prefix = adapter_for(AutoConfig.from_pretrained(model.folder)).block_prefix(index)
     stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
     tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}
     # The next block's inputs come from the weights as saved (rounded to the checkpoint's dtype, e.g. bf16): the
@@ -100,8 +99,7 @@ def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, 
         raise StaleInputs(f"block {result.index}: its pruned weights {result.weights.path} are missing or damaged")
     started = time.perf_counter()
     target = resolve_device(runtime.device)
-    block, block_inputs = _load_block(model, result.index, inputs, runtime, target)
-    prefix = adapter_for(AutoConfig.from_pretrained(model.folder)).block_prefix(result.index)
+    block, block_inputs, prefix = _load_block(model, result.index, inputs, runtime, target)
     with safe_open(str(result.weights.path), framework="pt") as handle:
         block.load_state_dict({name[len(prefix):]: handle.get_tensor(name) for name in handle.keys()})
     outputs = run_block(block, block_inputs, runtime.batch_size)
@@ -117,12 +115,14 @@ def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, 
 
 
 def _load_block(model: PreparedModel, index: int, inputs: FileRecord, runtime: RuntimeConfig,
-                target: torch.device) -> tuple[torch.nn.Module, BlockInputs]:
-    """Block ``index`` from the checkpoint in float32 on ``target``, and its inputs (its layer type's keywords)."""
+                target: torch.device) -> tuple[torch.nn.Module, BlockInputs, str]:
+    """Block ``index`` from the checkpoint in float32 on ``target``, its inputs (its layer type's keywords), and
+    the checkpoint name prefix of its tensors."""
     config = AutoConfig.from_pretrained(model.folder)
     block = build_block(model.folder, index, torch.float32, target)
     block_inputs = load_block_inputs(inputs.path, target, offload=runtime.offload_activations)
-    return block, block_inputs.for_layer_type(block_layer_type(config, index))
+    prefix = adapter_for(config).block_prefix(index)
+    return block, block_inputs.for_layer_type(block_layer_type(config, index)), prefix
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from alps_solver.problem import gram_matrix_flops
 
 from ..config.prune import PruneConfig
@@ -30,7 +32,6 @@ from .shapes import ModelShape
 __all__ = ["PhaseEstimate", "ResourcePlan", "Shortfall", "plan_resources", "shortfalls"]
 
 GB = 1e9
-_ACTIVATION_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # ADMM iterations, rho updates and backsolve iterations per layer: the means over the bundled model's layers at
 # 70% (alps: 32 iterations, 11 rho updates; alps-simple stops earlier). Other problems take more or fewer.
 _TYPICAL_ADMM = {"alps": (33, 11), "alps-simple": (18, 6), "admm_fixed_rho": (60, 0), "admm_fixed_mask": (100, 0)}
@@ -121,7 +122,7 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     runtime, solver = config.runtime, config.solver
     tokens = config.calibration.nsamples * seqlen
     batch_tokens = min(runtime.batch_size, config.calibration.nsamples) * seqlen
-    boundary = tokens * shape.hidden * _ACTIVATION_BYTES[config.calibration.activation_dtype]
+    boundary = tokens * shape.hidden * getattr(torch, config.calibration.activation_dtype).itemsize
     on_gpu = device == "cuda"
     offloaded = runtime.offload_activations or not on_gpu  # on a CPU run the host is the device
 

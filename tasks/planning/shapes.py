@@ -24,7 +24,6 @@ __all__ = ["LinearShape", "ModelShape", "load_model_config", "model_shape"]
 
 # Linear layers that read the output of what came before them in their module, never a shared input.
 _OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "down_proj", "fc2", "dense", "dense_4h_to_h", "c_proj", "wo")
-_DTYPE_BYTES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.float64: 8}
 
 
 @dataclass(frozen=True)
@@ -121,6 +120,6 @@ def model_shape(config: PretrainedConfig, checkpoint_dtype: torch.dtype | None =
         linears=tuple(linears),
         block_params=int(block_params),
         stem_params=int(stem_params),
-        checkpoint_bytes=_DTYPE_BYTES.get(dtype, 4),
+        checkpoint_bytes=dtype.itemsize,
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
     )
