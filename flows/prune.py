@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect.runtime import flow_run
 
 from flows.evaluate import evaluate_model
-from tasks.blockwise.preflight import check_output_folder, check_pattern_fits
+from tasks.blockwise.preflight import check_pattern_fits, claim_output_folder
 from tasks.blockwise.report import PruneResult, build_report
 from tasks.config.prune import PruneConfig
 from tasks.evaluate import publish_block_errors
@@ -33,8 +33,12 @@ def _run_name() -> str:
 def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None = None) -> PruneResult:
     """Prune ``config.model`` block by block; every step is cached, so a rerun resumes where it stopped.
     One MLflow run (a child of ``parent_run_id`` if given) holds the settings, per-layer results, plots and
-    the evaluation of the pruned model."""
-    check_output_folder(config.output)
+    the evaluation of the pruned model. One run at a time writes an output folder: a second is refused."""
+    with claim_output_folder(config.output):  # checked under the claim, so a run that finished meanwhile is seen
+        return _prune(config, parent_run_id)
+
+
+def _prune(config: PruneConfig, parent_run_id: str | None) -> PruneResult:
     model = prepare_model(config.model)
     check_pattern_fits(model, config.solver.pattern)
     chain = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed

@@ -37,6 +37,8 @@ from .blockwise.report import PruneReport
 from .blockwise.solve import Solved, SolveStage, by_group, solve_group
 from .blockwise.steps import StaleInputs
 from .common.errors import SettingError
+from .common.files import remove_dead_temporaries
+from .common.locks import entry_lock
 from .config.prune import PruneConfig, RuntimeConfig, SolverSpec
 from .data.sampling import calibration_text_hash, cap_seqlen
 from .model.loading import resolve_device
@@ -96,6 +98,8 @@ def plan_run(model: PreparedModel, config: PruneConfig) -> BlockChain:
     text_hash = calibration_text_hash(config.calibration.dataset, config.runtime.data_dir)
     keys = run_keys(model, config, seqlen, text_hash)
     cache_dir = config.runtime.resolved_cache_dir()
+    for folder in (steps.ACTIVATIONS, steps.BLOCKS):  # what a killed run was writing when it died
+        remove_dead_temporaries(cache_dir / folder)
     chain = plan_chain(keys, cached_result(cache_dir, keys.calibration, CalibrationResult),
                        [cached_result(cache_dir, key, BlockResult) for key in keys.blocks])
     reused, replayed, computed = (chain.indices(action) for action in ("reuse", "replay", "compute"))
@@ -121,8 +125,10 @@ def capture_calibration(key: str, model: PreparedModel, config: PruneConfig, seq
 def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int) -> CalibrationResult:
     """The calibration inputs cached under ``link``'s key, captured first if not cached (or refreshed)."""
     cache_dir = config.runtime.resolved_cache_dir()
-    return cached_in(capture_calibration, cache_dir, link.refresh)(
-        key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
+    with entry_lock(cache_dir, link.key, "calibration", run_logger(logger)):  # another run may be capturing it
+        link = _made_meanwhile(link, cache_dir)
+        return cached_in(capture_calibration, cache_dir, link.refresh)(
+            key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
 
 
 # ------------------------------------------------------------------------------------------ blocks
@@ -173,7 +179,30 @@ def _outlives_its_block(boundary: int, runtime: RuntimeConfig) -> bool:
 
 
 def _run_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
+    """Run one link of the chain, holding its cache entry against other runs on the same cache folder: a run
+    that waited for another finds the block that run cached, and reuses it."""
     cache_dir = config.runtime.resolved_cache_dir()
+    with entry_lock(cache_dir, link.key, f"block {link.index:02d}", run_logger(logger)):
+        return _run_link_locked(link, model, inputs, config, cache_dir)
+
+
+def _made_meanwhile(link: Link, cache_dir: Path) -> Link:
+    """``link``, or a reuse of its entry when another run on the cache folder made it after this run planned
+    (this run waited for it on the entry's lock): intact calibration inputs, or a block's intact weights."""
+    if link.action != "compute":
+        return link
+    if link.index is None:
+        cached = cached_result(cache_dir, link.key, CalibrationResult)
+        intact = cached is not None and cached.inputs.is_intact()
+    else:
+        cached = cached_result(cache_dir, link.key, BlockResult)
+        intact = cached is not None and cached.weights.is_intact()
+    return replace(link, action="reuse") if intact else link
+
+
+def _run_link_locked(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig,
+                     cache_dir: Path) -> BlockResult:
+    link = _made_meanwhile(link, cache_dir)
     if link.action == "replay":
         cached = cached_result(cache_dir, link.key, BlockResult)
         if cached is not None and cached.weights.is_intact():

@@ -12,7 +12,7 @@ from tasks.config.defaults import DEFAULT_EXPERIMENT
 from tasks.config.evaluate import EvaluateConfig
 from tasks.config.validation import validated
 
-from .base import app, console, environment, reports_user_errors, split_names
+from .base import app, console, environment, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
     DataDirOption,
     DeviceOption,
@@ -31,6 +31,7 @@ DEFAULT = EvaluateConfig()
 
 @app.command("eval")
 @reports_user_errors
+@stops_cleanly
 def eval_command(
     model: ModelOption = DEFAULT.model,
     ppl: Annotated[Optional[str], typer.Option(
@@ -69,7 +70,7 @@ def eval_command(
         "log_model": log_model, "experiment": experiment, "trust_remote_code": trust_remote_code,
     }, names={name: f"--{name.replace('_', '-')}" for name in EvaluateConfig.model_fields} | {"perplexity": "--ppl"},
        fix="see `alps eval --help`")
-    summary = evaluate_model(config)
+    summary = run_flow(evaluate_model, config)
 
     table = Table(title=f"Evaluation of {model}" + (f" (lm-eval limit {limit})" if limit else ""))
     table.add_column("measure")

@@ -14,7 +14,7 @@ from rich.table import Table
 from tasks.common.errors import SettingError
 from tasks.config.defaults import DEFAULT_MODEL
 
-from .base import app, console, environment, reports_user_errors
+from .base import app, console, environment, reports_user_errors, stops_cleanly
 from .options import (
     DataDirOption,
     DeviceOption,
@@ -67,6 +67,7 @@ def data_command(data_dir: DataDirOption = None) -> None:
 
 @app.command("ppl")
 @reports_user_errors
+@stops_cleanly
 def ppl_command(
     model: ModelOption = DEFAULT_MODEL,
     datasets: Annotated[

@@ -13,7 +13,7 @@ from tasks.common.errors import SettingError
 from tasks.config.prune import PruneConfig
 from tasks.config.validation import validated
 
-from .base import app, console, method_overrides, reports_user_errors, split_names
+from .base import app, console, method_overrides, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
     ActivationDtypeOption,
     BatchSizeOption,
@@ -59,6 +59,7 @@ FLAGS = {
 
 @app.command("prune")
 @reports_user_errors
+@stops_cleanly
 def prune_command(
     model: ModelOption = DEFAULT.model,
     method: MethodOption = DEFAULT.solver.method,
@@ -141,7 +142,7 @@ def prune_command(
                        "seqlen": eval_seqlen} if evaluate else None,
     }
     run = validated(PruneConfig, settings, names=FLAGS, fix="see `alps prune --help`")
-    print_result(prune_model(run))
+    print_result(run_flow(prune_model, run))
 
 
 def print_result(result: PruneResult) -> None:

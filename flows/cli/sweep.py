@@ -11,7 +11,7 @@ from rich.table import Table
 from tasks.config.sweep import SweepConfig
 from tasks.config.validation import validated
 
-from .base import app, console, method_overrides, reports_user_errors, split_names
+from .base import app, console, method_overrides, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
     ActivationDtypeOption,
     BatchSizeOption,
@@ -48,6 +48,7 @@ FLAGS = {"methods": "--methods", "solver": "--config", "patterns": "--patterns",
 
 @app.command("sweep")
 @reports_user_errors
+@stops_cleanly
 def sweep_command(
     model: ModelOption = DEFAULT.model,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods (see `alps prune --help`).")]
@@ -97,7 +98,7 @@ def sweep_command(
         if split_names(ppl) else None,
     }
     sweep = validated(SweepConfig, settings, names=FLAGS, fix="see `alps sweep --help`")
-    summary = sweep_models(sweep)
+    summary = run_flow(sweep_models, sweep)
 
     rows = summary.configurations
     datasets = sorted({name for row in rows for name in row.perplexity})

@@ -20,7 +20,7 @@ from safetensors import safe_open
 
 from alps_solver import SparsityPattern
 
-from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_write_json
+from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_write_json, storage_error, temporary_name
 from ..model.checkpoint import Checkpoint, write_like
 from ..model.prepared import PreparedModel
 from .records import BlockResult, FileRecord
@@ -37,43 +37,55 @@ class VerificationError(RuntimeError):
 def write_pruned_model(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern,
                        report: dict[str, Any], folder: Path) -> Path:
     """Write, verify and move the pruned model into ``folder`` (replacing what is there); returns its path.
-    ``report`` (JSON-ready) is written beside the weights as ``prune_report.json``."""
-    source = model.folder
+    ``report`` (JSON-ready) is written beside the weights as ``prune_report.json``. A write that fails for lack
+    of space or permission raises ``StorageError`` naming the folder, and leaves nothing behind."""
     output = Path(folder).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir()
+    temporary = output.with_name(temporary_name(output) + "tmp")
     try:
-        for item in source.iterdir():
-            if item.is_file() and not _is_weight_file(item.name):
-                shutil.copy2(item, temporary / item.name)
-        pruned_in = {}  # tensor name -> the block file holding its pruned value
-        for block in blocks:
-            with safe_open(str(block.weights.path), framework="pt") as handle:
-                pruned_in.update({name: str(block.weights.path) for name in handle.keys()})
-
-        def replacement(name: str) -> torch.Tensor | None:
-            if name not in pruned_in:
-                return None
-            with safe_open(pruned_in[name], framework="pt") as handle:
-                return handle.get_tensor(name)
-
-        original = Checkpoint(source)
-        write_like(original, temporary, replacement)
-        manifest = _verify(original, Checkpoint(temporary), blocks, pattern)
-        atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
-        atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        _write_verified(model, blocks, pattern, report, temporary)
         if output.exists():
-            retired = output.with_name(f".{output.name}.{os.getpid()}.old")
+            retired = output.with_name(temporary_name(output) + "old")
             os.replace(output, retired)
             os.replace(temporary, output)
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(temporary, output)
+    except Exception as error:
+        if (storage := storage_error(error, output)) is not None:
+            raise storage from error
+        raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return output
+
+
+def _write_verified(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern, report: dict[str, Any],
+                    temporary: Path) -> None:
+    """The pruned model in ``temporary``: the source's other files, the checkpoint with the blocks' pruned
+    tensors in its layout and dtype, verified, and its manifest and report."""
+    source = model.folder
+    for item in source.iterdir():
+        if item.is_file() and not _is_weight_file(item.name):
+            shutil.copy2(item, temporary / item.name)
+    pruned_in = {}  # tensor name -> the block file holding its pruned value
+    for block in blocks:
+        with safe_open(str(block.weights.path), framework="pt") as handle:
+            pruned_in.update({name: str(block.weights.path) for name in handle.keys()})
+
+    def replacement(name: str) -> torch.Tensor | None:
+        if name not in pruned_in:
+            return None
+        with safe_open(pruned_in[name], framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    original = Checkpoint(source)
+    write_like(original, temporary, replacement)
+    manifest = _verify(original, Checkpoint(temporary), blocks, pattern)
+    atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
+    atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
 
 
 def release_activations(records: list[FileRecord]) -> int:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alps_solver import SparsityPattern
 
 from ..common.errors import AlpsError
+from ..common.files import remove_dead_temporaries
+from ..common.locks import claim_folder
 from ..config.prune import OutputConfig
 from ..model.prepared import PreparedModel, linear_shapes
 
-__all__ = ["check_output_folder", "check_pattern_fits"]
+__all__ = ["check_output_folder", "check_pattern_fits", "claim_output_folder"]
 
 
 def check_output_folder(output: OutputConfig) -> None:
@@ -23,6 +27,18 @@ def check_output_folder(output: OutputConfig) -> None:
             "output", str(folder), "the folder exists and is not empty",
             "choose a new folder, or pass --overwrite to replace it once the new model is complete",
         )
+
+
+@contextmanager
+def claim_output_folder(output: OutputConfig) -> Iterator[None]:
+    """Hold the output folder against other runs for the body (a second run writing it at the same time is
+    refused: ``FolderInUse``), once it is checked to be writable (``check_output_folder``, under the claim so
+    that a run which finished meanwhile is seen)."""
+    folder = Path(output.folder).resolve()
+    with claim_folder(folder):
+        remove_dead_temporaries(folder.parent, folder.name)  # a killed save's half-written folder
+        check_output_folder(output)
+        yield
 
 
 def check_pattern_fits(model: PreparedModel, pattern: SparsityPattern) -> None:
