@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AlpsError", "DataError", "HubUnavailableError", "ModelReferenceError", "SettingError"]
+__all__ = ["AlpsError", "DataError", "HubUnavailableError", "ModelReferenceError", "SettingError", "TrackingError"]
 
 
 class AlpsError(Exception):
@@ -35,3 +35,7 @@ class HubUnavailableError(AlpsError):
 
 class SettingError(AlpsError, ValueError):
     """A numeric or enumerated setting outside its allowed range."""
+
+
+class TrackingError(AlpsError):
+    """The MLflow store cannot record runs (unreachable, read-only), and tracking is required."""
