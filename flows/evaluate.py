@@ -16,12 +16,14 @@ from tasks.tracking import runs as tracking
 def evaluate_model(config: EvaluateConfig = EvaluateConfig(), run_id: str | None = None) -> EvaluationSummary:
     """Perplexity and accuracy of ``config.model``, logged as they come into MLflow run ``run_id`` (the
     caller's, which already holds the prune report: the caller ends it) or into a new run (FINISHED, or FAILED
-    keeping what was logged)."""
+    keeping what was logged). A store that fails midway stops only the logging (``summary.tracking_problem``)."""
     started = time.perf_counter()
+    if run_id is None:
+        tracking.check_store(config.experiment, config.tracking)  # required: stops now unless MLflow records
     report_path = config.report_path() if run_id is None else None
     report = json.loads(report_path.read_text()) if report_path else None
     tags = tracking.evaluation_tags(config.model, report) if run_id is None else {}
-    with tracking.tracked_run(run_id, f"evaluate-{config.model}", tags, config.experiment) as run:
+    with tracking.tracked_run(run_id, f"evaluate-{config.model}", tags, config.experiment, config.tracking) as run:
         tracking.log_params(run, config.model_dump(mode="json"), "eval.")
         if report is not None:
             tracking.log_params(run, tracking.prune_params(report), "prune.")
@@ -42,4 +44,4 @@ def evaluate_model(config: EvaluateConfig = EvaluateConfig(), run_id: str | None
                                     accuracy=zero_shot.accuracy if zero_shot else {}, limit=config.limit,
                                     seconds=seconds)
         publish_evaluation(summary, report, tracking.run_url(run))
-    return summary
+    return summary.model_copy(update={"tracking_problem": tracking.tracking_problem(run)})  # once the run ended

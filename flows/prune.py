@@ -9,6 +9,7 @@ from tasks.blockwise.preflight import check_pattern_fits, claim_output_folder
 from tasks.blockwise.report import PruneResult, build_report
 from tasks.config.prune import PruneConfig
 from tasks.evaluate import publish_block_errors
+from tasks.evaluation.summary import save_evaluation
 from tasks.orchestration import flow
 from tasks.prune import (
     BlockProgress,
@@ -33,7 +34,10 @@ def _run_name() -> str:
 def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None = None) -> PruneResult:
     """Prune ``config.model`` block by block; every step is cached, so a rerun resumes where it stopped.
     One MLflow run (a child of ``parent_run_id`` if given) holds the settings, per-layer results, plots and
-    the evaluation of the pruned model. One run at a time writes an output folder: a second is refused."""
+    the evaluation of the pruned model; the pruned folder holds them too (``prune_report.json``,
+    ``evaluation.json``), so a store that fails midway costs the run nothing but its MLflow record.
+    One run at a time writes an output folder: a second is refused."""
+    tracking.check_store(config.output.experiment, config.output.tracking)  # required: stops now unless MLflow records
     with claim_output_folder(config.output):  # checked under the claim, so a run that finished meanwhile is seen
         return _prune(config, parent_run_id)
 
@@ -45,7 +49,8 @@ def _prune(config: PruneConfig, parent_run_id: str | None) -> PruneResult:
     check_resources(model, config, chain)  # disk, RAM and device memory: a run that cannot fit stops now
     settings = config.model_dump(mode="json")
     tags = {**tracking.prune_tags(settings), **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-    with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment) as run_id:
+    with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment,
+                              config.output.tracking) as run_id:
         calibration = calibrate(chain.calibration, model, config, chain.seqlen)
         blocks, progress = [], BlockProgress(len(chain.blocks))
         for link in chain.blocks:  # each on the outputs of the blocks before it
@@ -63,4 +68,6 @@ def _prune(config: PruneConfig, parent_run_id: str | None) -> PruneResult:
         evaluation = None
         if config.evaluation is not None:
             evaluation = evaluate_model(config.evaluate_config(output), run_id=run_id)
-    return PruneResult(output=output, run_id=run_id, report=report, evaluation=evaluation)
+            save_evaluation(output, evaluation)
+    return PruneResult(output=output, run_id=run_id, report=report, evaluation=evaluation,
+                       tracking_problem=tracking.tracking_problem(run_id, record=output))

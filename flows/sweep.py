@@ -28,7 +28,9 @@ def _run_name() -> str:
 def sweep_models(config: SweepConfig = SweepConfig()) -> SweepSummary:
     """Prune ``config.model`` with every method at every pattern (each output in ``output/<method>-<pattern>``),
     then write a summary table artifact, ``sweep_summary.json`` and a plot of error against sparsity. A failed
-    configuration is a row of the summary; the sweep then fails after writing it."""
+    configuration is a row of the summary; the sweep then fails after writing it. A configuration whose tracking
+    failed midway is a completed row with its ``tracking_problem``."""
+    tracking.check_store(config.experiment, config.tracking)  # required: stops now unless MLflow records
     configs = config.plan()
     cache_dir = configs[0].runtime.resolved_cache_dir()
     existing = activation_files(cache_dir)
@@ -60,9 +62,9 @@ def prune_configuration(config: PruneConfig, parent_run: str | None = None) -> C
 
 
 @contextmanager
-def _tracked_sweep(config: SweepConfig) -> Iterator[str]:
-    """The sweep's parent MLflow run (FINISHED, or FAILED if any configuration failed)."""
+def _tracked_sweep(config: SweepConfig) -> Iterator[str | None]:
+    """The sweep's parent MLflow run (FINISHED, or FAILED if any configuration failed; None if untracked)."""
     with tracking.tracked_run(None, f"sweep-{Path(config.model).name}", {"model": config.model, "method": "sweep"},
-                              config.experiment) as run_id:
+                              config.experiment, config.tracking) as run_id:
         tracking.log_params(run_id, config.model_dump(mode="json"), "sweep.")
         yield run_id

@@ -59,18 +59,21 @@ def measure_zero_shot(model: Any, tokenizer: Any, config: EvaluateConfig) -> Zer
 
 
 @task(name="publish-evaluation", cache_policy=NO_CACHE)
-def publish_evaluation(summary: EvaluationSummary, report: Mapping[str, Any] | None, mlflow_url: str) -> None:
-    """Prefect artifacts: a markdown summary, the block errors of the prune report, a link to the MLflow run."""
+def publish_evaluation(summary: EvaluationSummary, report: Mapping[str, Any] | None, mlflow_url: str | None) -> None:
+    """Prefect artifacts: a markdown summary, the block errors of the prune report, a link to the MLflow run (when
+    there is one: ``mlflow_url`` is None for a run MLflow does not hold)."""
     lines = [f"# Evaluation of `{summary.model}`", "", "| measure | value |", "| --- | --- |"]
     lines += [f"| perplexity {name} | {value:.3f} |" for name, value in summary.perplexity.items()]
     lines += [f"| accuracy {name} | {value:.4f} |" for name, value in summary.accuracy.items()]
-    lines += [f"| seconds | {summary.seconds:.1f} |", "", f"MLflow run `{summary.run_id}`: {mlflow_url}"]
+    lines += [f"| seconds | {summary.seconds:.1f} |", "",
+              f"MLflow run `{summary.run_id}`: {mlflow_url}" if mlflow_url else "Not tracked in MLflow."]
     if summary.limit is not None:
         lines.append(f"\nlm-eval tasks limited to {summary.limit} items each (not full-set numbers).")
     create_markdown_artifact("\n".join(lines), key="evaluation-summary", description="perplexity and accuracy")
     if report is not None:
         publish_block_errors(report)
-    create_link_artifact(mlflow_url, link_text=f"MLflow run {summary.run_id}", key="mlflow-run")
+    if mlflow_url:
+        create_link_artifact(mlflow_url, link_text=f"MLflow run {summary.run_id}", key="mlflow-run")
 
 
 def publish_block_errors(report: Mapping[str, Any]) -> None:

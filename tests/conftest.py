@@ -11,6 +11,7 @@ import atexit
 import functools
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -123,3 +124,32 @@ def tiny_llama() -> Callable[..., PreTrainedModel]:
 def tiny_opt() -> Callable[..., PreTrainedModel]:
     """Builder of a random OPT: ``(num_layers=2, vocab_size=512, seed=0)``."""
     return functools.partial(build_tiny_model, "opt")
+
+
+@pytest.fixture
+def closed_port_store(monkeypatch) -> str:
+    """``MLFLOW_TRACKING_URI`` at a port nothing listens on (bound, then closed): connections are refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def read_only_store_uri(tmp_path_factory) -> str:
+    """A SQLite store holding the default experiment, opened through SQLite's own read-only URI (``mode=ro``):
+    reads work and every write fails, as for a database on a read-only disk. (Taking write permission away would
+    not do: the tests may run as root, whose writes go through anyway.)"""
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("read-only-mlflow")
+    MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").create_experiment("alps", (folder / "mlruns").as_uri())
+    return f"sqlite:///file:{folder / 'mlflow.db'}?mode=ro&uri=true"
+
+
+@pytest.fixture
+def read_only_store(read_only_store_uri, monkeypatch) -> str:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", read_only_store_uri)
+    return read_only_store_uri

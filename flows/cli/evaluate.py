@@ -21,8 +21,10 @@ from .options import (
     ModelOption,
     ResultsFileOption,
     ThreadsOption,
+    TrackingOption,
     TrustRemoteCodeOption,
 )
+from .track import report_tracking
 
 __all__ = ["eval_command", "runs_command"]
 
@@ -48,6 +50,7 @@ def eval_command(
     log_model: Annotated[bool, typer.Option("--log-model", help="Copy the model folder into the MLflow run "
                                             "(default: record its path).")] = DEFAULT.log_model,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT.experiment,
+    tracking: TrackingOption = DEFAULT.tracking,
     dtype: DtypeOption = DEFAULT.dtype,
     device: DeviceOption = DEFAULT.device,
     data_dir: DataDirOption = DEFAULT.data_dir,
@@ -67,7 +70,7 @@ def eval_command(
     config = validated(EvaluateConfig, {
         **measures, "model": model, "limit": limit, "seqlen": seqlen, "max_windows": max_windows,
         "batch_size": batch_size, "dtype": dtype, "device": device, "threads": threads, "data_dir": data_dir,
-        "log_model": log_model, "experiment": experiment, "trust_remote_code": trust_remote_code,
+        "log_model": log_model, "experiment": experiment, "tracking": tracking, "trust_remote_code": trust_remote_code,
     }, names={name: f"--{name.replace('_', '-')}" for name in EvaluateConfig.model_fields} | {"perplexity": "--ppl"},
        fix="see `alps eval --help`")
     summary = run_flow(evaluate_model, config)
@@ -81,11 +84,13 @@ def eval_command(
         table.add_row(f"accuracy {name}", f"{value:.4f}")
     table.add_row("seconds", f"{summary.seconds:.1f}")
     console.print(table)
-    console.print(f"MLflow run {summary.run_id}")
+    if summary.tracking_problem is None:
+        console.print(f"MLflow run {summary.run_id}")
     if output is not None:
         atomic_write_json(output, {"settings": config.model_dump(mode="json"), **summary.model_dump(mode="json"),
                                    "environment": environment()})
         console.print(f"Wrote {output}")
+    report_tracking(config.tracking, summary.tracking_problem)
 
 
 @app.command("runs")

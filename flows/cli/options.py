@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from alps_solver import method_names
+from tasks.config.defaults import TRACKING_HELP
 
 ModelOption = Annotated[str, typer.Option(
     "--model", "-m", help="Model reference: bundled name (smollm2-135m), local Hugging Face folder, .gguf file, "
@@ -56,3 +57,4 @@ OffloadActivationsOption = Annotated[bool, typer.Option(
     "the device.")]
 MaxWindowsOption = Annotated[Optional[int], typer.Option(
     "--max-windows", min=1, help="Score only the first N perplexity windows of each data set.", show_default=False)]
+TrackingOption = Annotated[str, typer.Option("--tracking", help=f"required or optional. {TRACKING_HELP}.")]

@@ -32,7 +32,9 @@ from .options import (
     SeedOption,
     SeqlenOption,
     ThreadsOption,
+    TrackingOption,
 )
+from .track import report_tracking
 
 __all__ = ["FLAGS", "prune_command"]
 
@@ -51,7 +53,8 @@ FLAGS = {
     "runtime.solve_workers": "--solve-workers", "runtime.runner_address": "--runner-address",
     "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
     "runtime.keep_activations": "--keep-activations", "output.folder": "--output", "output.overwrite": "--overwrite",
-    "output.experiment": "--experiment", "output.log_model": "--log-model", "evaluation.perplexity": "--eval-ppl",
+    "output.experiment": "--experiment", "output.log_model": "--log-model", "output.tracking": "--tracking",
+    "evaluation.perplexity": "--eval-ppl",
     "evaluation.tasks": "--eval-tasks", "evaluation.limit": "--eval-limit",
     "evaluation.max_windows": "--eval-max-windows", "evaluation.seqlen": "--eval-seqlen",
 }
@@ -115,6 +118,7 @@ def prune_command(
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT.output.experiment,
     log_model: Annotated[bool, typer.Option("--log-model", help="Copy the pruned folder into the MLflow run.")]
     = DEFAULT.output.log_model,
+    tracking: TrackingOption = DEFAULT.output.tracking,
 ) -> None:
     """Prune a model block by block into a Hugging Face folder; a rerun resumes from the cache."""
     from flows.prune import prune_model
@@ -136,17 +140,20 @@ def prune_command(
                     "data_dir": data_dir, "keep_activations": keep_activations,
                     "keep_every": keep_every, "offload_activations": offload_activations,
                     "check_resources": check_resources},
-        "output": {"folder": output, "overwrite": overwrite, "experiment": experiment, "log_model": log_model},
+        "output": {"folder": output, "overwrite": overwrite, "experiment": experiment, "log_model": log_model,
+                   "tracking": tracking},
         "evaluation": {"perplexity": split_names(eval_ppl) if eval_ppl is not None else None,
                        "tasks": split_names(eval_tasks), "limit": eval_limit, "max_windows": eval_max_windows,
                        "seqlen": eval_seqlen} if evaluate else None,
     }
     run = validated(PruneConfig, settings, names=FLAGS, fix="see `alps prune --help`")
-    print_result(run_flow(prune_model, run))
+    result = run_flow(prune_model, run)
+    print_result(result)
+    report_tracking(run.output.tracking, result.tracking_problem)
 
 
 def print_result(result: PruneResult) -> None:
-    """The table of blocks, the totals, the evaluation's numbers and where the run is tracked."""
+    """The table of blocks, the totals, the evaluation's numbers and where the run is tracked (if it is)."""
     report = result.report
     config = report.config
     table = Table(title=f"{config.model} pruned with {config.solver.method} at {config.solver.pattern}")
@@ -162,5 +169,6 @@ def print_result(result: PruneResult) -> None:
         scores = [f"{name} perplexity {value:.3f}" for name, value in result.evaluation.perplexity.items()]
         scores += [f"{name} accuracy {value:.4f}" for name, value in result.evaluation.accuracy.items()]
         console.print("pruned model: " + "; ".join(scores))
-    console.print(f"MLflow run {result.run_id} (see `alps runs`, or `mlflow ui --backend-store-uri "
-                  "sqlite:///mlflow.db`)")
+    if result.tracking_problem is None:
+        console.print(f"MLflow run {result.run_id} (see `alps runs`, or `mlflow ui --backend-store-uri "
+                      "sqlite:///mlflow.db`)")

@@ -30,7 +30,9 @@ from .options import (
     SeedOption,
     SeqlenOption,
     ThreadsOption,
+    TrackingOption,
 )
+from .track import report_tracking
 
 __all__ = ["sweep_command"]
 
@@ -43,7 +45,7 @@ FLAGS = {"methods": "--methods", "solver": "--config", "patterns": "--patterns",
          "runtime.batch_size": "--batch-size", "runtime.device": "--device",
          "runtime.threads": "--threads", "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
          "output": "--output", "evaluation.perplexity": "--ppl", "evaluation.max_windows": "--max-windows",
-         "concurrency": "--concurrency"}
+         "concurrency": "--concurrency", "tracking": "--tracking"}
 
 
 @app.command("sweep")
@@ -72,6 +74,7 @@ def sweep_command(
     = DEFAULT.concurrency,
     track: Annotated[bool, typer.Option("--track", help="Log an MLflow parent run and one child run per "
                                         "configuration.")] = DEFAULT.track,
+    tracking: TrackingOption = DEFAULT.tracking,
     keep_activations: KeepActivationsOption = DEFAULT.runtime.keep_activations,
     keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
     check_resources: ResourceCheckOption = DEFAULT.runtime.check_resources,
@@ -93,7 +96,7 @@ def sweep_command(
                     "data_dir": data_dir, "keep_activations": keep_activations,
                     "keep_every": keep_every, "offload_activations": offload_activations,
                     "check_resources": check_resources},
-        "output": output, "concurrency": concurrency, "track": track,
+        "output": output, "concurrency": concurrency, "track": track, "tracking": tracking,
         "evaluation": {"perplexity": split_names(ppl), "seqlen": seqlen, "max_windows": max_windows}
         if split_names(ppl) else None,
     }
@@ -111,3 +114,5 @@ def sweep_command(
                       *[f"{row.perplexity[d]:.3f}" for d in datasets], f"{row.seconds:.1f}", str(row.reused_blocks))
     console.print(table)
     console.print(f"summary {summary.output / 'sweep_summary.json'}; plot {summary.plot}")
+    report_tracking(sweep.tracking, *[f"{row.method} at {row.pattern}: {row.tracking_problem}"
+                                      for row in summary.untracked])

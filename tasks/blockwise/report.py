@@ -77,9 +77,10 @@ class PruneResult(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     output: Path
-    run_id: str
+    run_id: str | None  # the MLflow run (None: not tracked)
     report: PruneReport
     evaluation: EvaluationSummary | None = None
+    tracking_problem: str | None = None  # why the run is not (fully) tracked and where its record is; None if it is
 
 
 def build_report(model: PreparedModel, config: PruneConfig, calibration: CalibrationResult,

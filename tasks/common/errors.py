@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["AlpsError", "DataError", "HubUnavailableError", "ModelReferenceError", "SettingError", "StorageError"]
+__all__ = ["AlpsError", "DataError", "HubUnavailableError", "ModelReferenceError", "SettingError", "StorageError",
+           "TrackingError"]
 
 
 class AlpsError(Exception):
@@ -39,3 +40,7 @@ class SettingError(AlpsError, ValueError):
 
 class StorageError(AlpsError):
     """A write that failed for lack of space or permission (a full disk, a read-only file system)."""
+
+
+class TrackingError(AlpsError):
+    """The MLflow store cannot record runs (unreachable, read-only), and tracking is required."""

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..common.files import PRUNE_REPORT_FILE
 from ..data.registry import DatasetKind, dataset_spec
 from ..evaluation.lm_eval_tasks import ZERO_SHOT_TASKS, unknown_task
-from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 
 __all__ = ["EvaluateConfig", "EvaluationSpec"]
 
@@ -58,6 +58,7 @@ class EvaluateConfig(EvaluationSpec):
     prune_report: Path | None = Field(None, description="prune_report.json to log; default: the model folder's")
     log_model: bool = Field(False, description="copy the model folder into the MLflow run (else record its path)")
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
+    tracking: TrackingMode = Field(DEFAULT_TRACKING, description=TRACKING_HELP)
     trust_remote_code: bool = False
 
     def report_path(self) -> Path | None:

@@ -5,7 +5,8 @@
       solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype (the solved weights)
       calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
       runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
-      output        OutputConfig: the pruned folder, and the MLflow experiment it is tracked in
+      output        OutputConfig: the pruned folder, the MLflow experiment it is tracked in, and whether
+                    tracking is required
       evaluation    EvaluationSpec or None: what to measure on the pruned model at the end
 
 The command line, the deployments (``deployments/prefect.yaml``) and the sweep take their defaults from
@@ -33,7 +34,7 @@ from pydantic import (
 from alps_solver import SparsityPattern, make_config, method_names
 
 from ..common.files import cache_root
-from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 from .evaluate import EvaluateConfig, EvaluationSpec
 
 __all__ = [
@@ -148,6 +149,7 @@ class OutputConfig(_Settings):
     overwrite: bool = Field(False, description="replace a non-empty folder once the new model is complete")
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
     log_model: bool = Field(False, description="copy the pruned folder into the MLflow run (else its path)")
+    tracking: TrackingMode = Field(DEFAULT_TRACKING, description=TRACKING_HELP)
 
 
 class PruneConfig(_Settings):
@@ -169,5 +171,5 @@ class PruneConfig(_Settings):
             **measures, model=str(model_folder),
             perplexity=spec.perplexity if spec.perplexity is not None else [self.calibration.dataset],
             device=self.runtime.device, threads=self.runtime.threads, data_dir=self.runtime.data_dir,
-            experiment=self.output.experiment, log_model=self.output.log_model,
+            experiment=self.output.experiment, log_model=self.output.log_model, tracking=self.output.tracking,
         )

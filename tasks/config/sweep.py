@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from alps_solver import SparsityPattern, make_config
 
-from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL
+from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 from .evaluate import EvaluationSpec
 from .prune import CalibrationConfig, OutputConfig, Pattern, PruneConfig, RuntimeConfig, SolverOptions, SolverSpec
 
@@ -46,6 +46,7 @@ class SweepConfig(BaseModel):
                              "the calibration inputs the others reuse)")
     track: bool = Field(False, description="an MLflow parent run with one child run per configuration")
     experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
+    tracking: TrackingMode = Field(DEFAULT_TRACKING, description=TRACKING_HELP)
 
     @field_validator("methods")
     @classmethod
@@ -71,7 +72,7 @@ class SweepConfig(BaseModel):
                 calibration=self.calibration,
                 runtime=runtime,
                 output=OutputConfig(folder=self.output / configuration_folder(method, pattern), overwrite=True,
-                                    experiment=self.experiment),
+                                    experiment=self.experiment, tracking=self.tracking),
                 evaluation=self.evaluation,
             )
             for method in self.methods

@@ -36,6 +36,7 @@ class ConfigurationRow(BaseModel):
     reused_blocks: int | None = None
     computed_blocks: int | None = None
     mlflow_run_id: str | None = None
+    tracking_problem: str | None = None  # a completed configuration whose MLflow run is missing or incomplete
     perplexity: dict[str, float] = {}
 
 
@@ -51,6 +52,11 @@ class SweepSummary(BaseModel):
     def failed(self) -> list[ConfigurationRow]:
         return [row for row in self.configurations if row.status != "completed"]
 
+    @property
+    def untracked(self) -> list[ConfigurationRow]:
+        """Completed configurations whose tracking failed (their folders hold their records)."""
+        return [row for row in self.configurations if row.tracking_problem is not None]
+
 
 def configuration_row(config: PruneConfig, flow_run_id: str, outcome: PruneResult | BaseException) -> ConfigurationRow:
     """The row of a configuration that finished (its PruneResult) or failed (its exception)."""
@@ -63,7 +69,8 @@ def configuration_row(config: PruneConfig, flow_run_id: str, outcome: PruneResul
     return ConfigurationRow(
         **row, status="completed", mean_rel_error=report.mean_rel_error, seconds=report.seconds,
         reused_blocks=len(report.reused_blocks), computed_blocks=len(report.computed_blocks),
-        mlflow_run_id=outcome.run_id, perplexity=outcome.evaluation.perplexity if outcome.evaluation else {},
+        mlflow_run_id=outcome.run_id, tracking_problem=outcome.tracking_problem,
+        perplexity=outcome.evaluation.perplexity if outcome.evaluation else {},
     )
 
 

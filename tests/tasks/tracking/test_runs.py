@@ -74,7 +74,8 @@ def test_log_prune_run_records_params_stepped_metrics_plots_and_the_model(store,
     folder = pruned_folder(tmp_path / "out")
     report = json.loads((folder / "prune_report.json").read_text())
     report["config"]["solver"]["method_config"] = {"max_iter": 30}
-    run_id = tracking.log_prune_run(report, folder, log_model=True)
+    with tracking.tracked_run(None, "prune-tiny") as run_id:
+        tracking.log_prune_run(report, folder, run_id=run_id, log_model=True)
     client = MlflowClient(store)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -119,7 +120,8 @@ def test_runs_command_lists_and_filters_runs(store, tmp_path, monkeypatch):
     folder = pruned_folder(tmp_path / "out")
     report = json.loads((folder / "prune_report.json").read_text())
     report["config"] = {"model": "listed", "solver": {"method": "wanda", "pattern": "2:4"}}
-    run_id = tracking.log_prune_run(report, folder)
+    with tracking.tracked_run(None, "prune-listed") as run_id:
+        tracking.log_prune_run(report, folder, run_id=run_id)
     tracking.log_metrics(run_id, {"ppl/wikitext2": 21.25, "acc/piqa": 0.625})
     runner = CliRunner()
     listed = runner.invoke(app, ["runs", "--model", "listed"])
