@@ -60,13 +60,18 @@ class SparsityPattern:
                 )
             object.__setattr__(self, "sparsity", float(self.sparsity))
         else:
-            if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 1 or self.n < 1:
-                raise ValueError(f"n_m({self.n!r}, {self.m!r}): N and M must be positive integers (e.g. 2:4).")
+            if not (isinstance(self.n, int) and isinstance(self.m, int)) or isinstance(self.n, bool):
+                raise ValueError(f"pattern {self.n!r}:{self.m!r}: N and M must be whole numbers (e.g. 2:4).")
+            if self.m < 2:
+                raise ValueError(f"pattern {self.n}:{self.m}: M (group size) must be at least 2 (e.g. 2:4 or 4:8).")
+            if self.n < 1:
+                raise ValueError(f"pattern {self.n}:{self.m}: N (kept) must be at least 1 (0 would keep no weight). "
+                                 "Use e.g. 2:4 or 4:8.")
             if self.n >= self.m:
-                raise ValueError(
-                    f"n_m({self.n}, {self.m}): N (kept) must be smaller than M (group size); "
-                    "N >= M would prune nothing. Use e.g. 2:4 or 4:8."
-                )
+                consequence = ("keeps every weight, so nothing would be pruned" if self.n == self.m
+                               else f"cannot keep {self.n} of every {self.m}")
+                raise ValueError(f"pattern {self.n}:{self.m}: N (kept) must be smaller than M (group size); "
+                                 f"{self.n}:{self.m} {consequence}. Use e.g. 2:4 or 4:8.")
             object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
 
     # ----------------------------------------------------------------------------------- constructors

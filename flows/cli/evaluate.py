@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tasks.config.defaults import DEFAULT_EXPERIMENT
 from tasks.config.evaluate import EvaluateConfig
-from tasks.config.validation import validated
+from tasks.config.validation import spelled_as, validated
 
 from .base import app, console, environment, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
@@ -42,11 +42,13 @@ def eval_command(
     tasks: Annotated[Optional[str], typer.Option(
         "--tasks", help="Comma-separated lm-eval tasks: lambada, piqa, arc_easy, arc_challenge, mmlu (5-shot), "
         "gsm8k (8-shot CoT, generation). Default: none.", show_default=False)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", help="Items per lm-eval task (MMLU: per subject).",
-                                                 show_default=False)] = DEFAULT.limit,
-    seqlen: Annotated[int, typer.Option("--seqlen", help="Perplexity window in tokens.")] = DEFAULT.seqlen,
+    limit: Annotated[Optional[str], typer.Option("--limit", metavar="INTEGER", help="Items per lm-eval task (MMLU: "
+                                                 "per subject).", show_default=False)] = DEFAULT.limit,
+    seqlen: Annotated[str, typer.Option("--seqlen", metavar="INTEGER", help="Perplexity window in tokens.")]
+    = DEFAULT.seqlen,
     max_windows: MaxWindowsOption = DEFAULT.max_windows,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="lm-eval batch size.")] = DEFAULT.batch_size,
+    batch_size: Annotated[str, typer.Option("--batch-size", metavar="INTEGER", help="lm-eval batch size.")]
+    = DEFAULT.batch_size,
     log_model: Annotated[bool, typer.Option("--log-model", help="Copy the model folder into the MLflow run "
                                             "(default: record its path).")] = DEFAULT.log_model,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT.experiment,
@@ -63,16 +65,23 @@ def eval_command(
     Measures what --ppl and --tasks ask for; with neither, the WikiText-2 perplexity (papers' protocol)."""
     from flows.evaluate import evaluate_model
     from tasks.common.files import atomic_write_json
+    from tasks.data.registry import resolve_data_root
+    from tasks.model.loading import resolve_device
+    from tasks.model.references import locate_model
 
     measures: dict[str, Any] = {}
     if ppl is not None or tasks is not None:  # only what was asked for
         measures = {"perplexity": split_names(ppl or ""), "tasks": split_names(tasks or "")}
+    names = {name: f"--{name.replace('_', '-')}" for name in EvaluateConfig.model_fields} | {"perplexity": "--ppl"}
     config = validated(EvaluateConfig, {
         **measures, "model": model, "limit": limit, "seqlen": seqlen, "max_windows": max_windows,
         "batch_size": batch_size, "dtype": dtype, "device": device, "threads": threads, "data_dir": data_dir,
         "log_model": log_model, "experiment": experiment, "tracking": tracking, "trust_remote_code": trust_remote_code,
-    }, names={name: f"--{name.replace('_', '-')}" for name in EvaluateConfig.model_fields} | {"perplexity": "--ppl"},
-       fix="see `alps eval --help`")
+    }, names=names, fix="see `alps eval --help`")
+    with spelled_as(names):  # before the flow starts: the model, the device and the data root are there
+        locate_model(config.model)
+        resolve_device(config.device)
+        resolve_data_root(config.data_dir)
     summary = run_flow(evaluate_model, config)
 
     table = Table(title=f"Evaluation of {model}" + (f" (lm-eval limit {limit})" if limit else ""))

@@ -153,8 +153,10 @@ def ppl_command(
         console.print(f"Wrote {output}")
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: str | None) -> None:
     if threads is not None:
         import torch
 
-        torch.set_num_threads(threads)
+        if not threads.isdigit() or int(threads) < 1:
+            raise SettingError("--threads", threads, "not a whole number of at least 1", "e.g. --threads 4")
+        torch.set_num_threads(int(threads))

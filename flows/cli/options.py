@@ -1,5 +1,8 @@
 """Options several commands share, defined once: the flag, its type and its help. Each command gives the
-default, taken from the settings class it builds (``tasks.config``), so a default is written in one place."""
+default, taken from the settings class it builds (``tasks.config``), so a default is written in one place.
+
+Numbers are taken as the text typed (metavar INTEGER) and parsed by that settings class, so a word where a number
+goes and a number out of range both give the one line naming the flag, the value and the fix."""
 
 from __future__ import annotations
 
@@ -19,8 +22,8 @@ DataDirOption = Annotated[Optional[Path], typer.Option(
     "data sets load from the Hugging Face hub).", show_default=False)]
 DtypeOption = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16 or float16.")]
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N.")]
-ThreadsOption = Annotated[Optional[int], typer.Option(
-    "--threads", min=1, help="CPU threads for torch (default: torch's choice).", show_default=False)]
+ThreadsOption = Annotated[Optional[str], typer.Option(
+    "--threads", metavar="INTEGER", help="CPU threads for torch (default: torch's choice).", show_default=False)]
 TrustRemoteCodeOption = Annotated[bool, typer.Option(
     "--trust-remote-code", help="Allow model code from the hub (off unless asked).")]
 ResultsFileOption = Annotated[Optional[Path], typer.Option(
@@ -31,20 +34,23 @@ MethodConfigOption = Annotated[Optional[list[str]], typer.Option(
     "--config", help="Method setting key=value, repeatable (e.g. max_iter=100, schedule.rho_init=0.3).")]
 CalibrationDatasetOption = Annotated[str, typer.Option(
     "--calib", help="Calibration data set: c4, wikitext2, pydoc (needs no data root), ...")]
-NsamplesOption = Annotated[int, typer.Option("--nsamples", min=1, help="Calibration windows.")]
-SeqlenOption = Annotated[int, typer.Option("--seqlen", help="Tokens per calibration window (capped by the "
-                                           "model's context).")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Calibration sampling seed.")]
-BatchSizeOption = Annotated[int, typer.Option("--batch-size", min=1, help="Calibration samples per block forward.")]
+NsamplesOption = Annotated[str, typer.Option(
+    "--nsamples", metavar="INTEGER", help="Calibration windows (at most as many as the calibration text holds "
+    "without overlapping).")]
+SeqlenOption = Annotated[str, typer.Option("--seqlen", metavar="INTEGER", help="Tokens per calibration window "
+                                           "(capped by the model's context).")]
+SeedOption = Annotated[str, typer.Option("--seed", metavar="INTEGER", help="Calibration sampling seed.")]
+BatchSizeOption = Annotated[str, typer.Option("--batch-size", metavar="INTEGER",
+                                              help="Calibration samples per block forward.")]
 CacheDirOption = Annotated[Optional[Path], typer.Option(
     "--cache-dir", help="The run's cache folder: task results, block weights and activations (default "
     "$ALPS_CACHE_DIR/runs). A rerun with the same folder resumes.", show_default=False)]
 KeepActivationsOption = Annotated[bool, typer.Option(
     "--keep-activations", help="Keep every block boundary's activations, during and after the run (the most "
     "disk; a rerun replays nothing).")]
-KeepEveryOption = Annotated[int, typer.Option(
-    "--keep-every", min=0, help="Also keep every K-th block boundary's activations while the run goes on, so a "
-    "resume replays at most K blocks (0: only the calibration inputs and the current block's inputs and "
+KeepEveryOption = Annotated[str, typer.Option(
+    "--keep-every", metavar="INTEGER", help="Also keep every K-th block boundary's activations while the run goes "
+    "on, so a resume replays at most K blocks (0: only the calibration inputs and the current block's inputs and "
     "outputs).")]
 ActivationDtypeOption = Annotated[str, typer.Option(
     "--activation-dtype", help="Dtype the block inputs and outputs are stored and kept in: float32, bfloat16 or "
@@ -55,6 +61,7 @@ ResourceCheckOption = Annotated[bool, typer.Option(
 OffloadActivationsOption = Annotated[bool, typer.Option(
     "--offload-activations", help="Keep block inputs and outputs in host memory; move one batch at a time to "
     "the device.")]
-MaxWindowsOption = Annotated[Optional[int], typer.Option(
-    "--max-windows", min=1, help="Score only the first N perplexity windows of each data set.", show_default=False)]
+MaxWindowsOption = Annotated[Optional[str], typer.Option(
+    "--max-windows", metavar="INTEGER", help="Score only the first N perplexity windows of each data set.",
+    show_default=False)]
 TrackingOption = Annotated[str, typer.Option("--tracking", help=f"required or optional. {TRACKING_HELP}.")]

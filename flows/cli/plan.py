@@ -17,7 +17,7 @@ from rich.table import Table
 from tasks.common.errors import SettingError
 from tasks.common.files import atomic_write_text
 from tasks.config.prune import PruneConfig
-from tasks.config.validation import validated
+from tasks.config.validation import spelled_as, validated
 
 from .base import app, console, reports_user_errors
 from .options import (
@@ -99,7 +99,8 @@ def plan_command(
     target = device.split(":")[0] if device != "auto" else None
     if given and target is None:
         target = "cuda" if device_memory is not None else "cpu"
-    plan = plan_for(model, config, rates=rates, device=target)
+    with spelled_as(FLAGS | {"device": "--device"}):
+        plan = plan_for(model, config, rates=rates, device=target)
     print_plan(plan)
     if json_output is not None:
         atomic_write_text(json_output, json.dumps(plan.to_json(), indent=2, default=str) + "\n")

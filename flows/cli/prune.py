@@ -11,7 +11,7 @@ from rich.table import Table
 from tasks.blockwise.report import PruneResult, block_error_rows
 from tasks.common.errors import SettingError
 from tasks.config.prune import PruneConfig
-from tasks.config.validation import validated
+from tasks.config.validation import spelled_as, validated
 
 from .base import app, console, method_overrides, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
@@ -66,9 +66,9 @@ FLAGS = {
 def prune_command(
     model: ModelOption = DEFAULT.model,
     method: MethodOption = DEFAULT.solver.method,
-    sparsity: Annotated[Optional[float], typer.Option(
-        "--sparsity", help=f"Unstructured sparsity, e.g. 0.7 (same as --pattern 0.7). Default: "
-        f"{DEFAULT.solver.pattern}.", show_default=False)] = None,
+    sparsity: Annotated[Optional[str], typer.Option(
+        "--sparsity", metavar="FLOAT", help=f"Unstructured sparsity in [0, 1), e.g. 0.7 (same as --pattern 0.7). "
+        f"Default: {DEFAULT.solver.pattern}.", show_default=False)] = None,
     pattern: Annotated[Optional[str], typer.Option(
         "--pattern", help="'0.7', '2:4', '4:8', 'rows:0.7' or 'channels:0.5'.", show_default=False)] = None,
     calib: CalibrationDatasetOption = DEFAULT.calibration.dataset,
@@ -88,8 +88,8 @@ def prune_command(
     = DEFAULT.solver.gram_dtype,
     task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
                                              "dask or ray (Prefect task runners).")] = DEFAULT.runtime.task_runner,
-    solve_workers: Annotated[int, typer.Option("--solve-workers", min=1, help="Layer solves at once (1: in the "
-                                               "block's own process).")] = DEFAULT.runtime.solve_workers,
+    solve_workers: Annotated[str, typer.Option("--solve-workers", metavar="INTEGER", help="Layer solves at once "
+                                               "(1: in the block's own process).")] = DEFAULT.runtime.solve_workers,
     runner_address: Annotated[Optional[str], typer.Option("--runner-address", help="Existing Dask scheduler or "
                                                           "Ray cluster address.", show_default=False)] = None,
     device: DeviceOption = DEFAULT.runtime.device,
@@ -108,13 +108,13 @@ def prune_command(
                                                     show_default=False)] = None,
     eval_tasks: Annotated[str, typer.Option("--eval-tasks", help="lm-eval tasks, comma-separated, e.g. "
                                             "piqa,arc_easy ('' for none).")] = ",".join(EVALUATION.tasks),
-    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", help="Items per lm-eval task.",
-                                                      show_default=False)] = EVALUATION.limit,
-    eval_max_windows: Annotated[Optional[int], typer.Option("--eval-max-windows", help="Score only the first N "
-                                                            "perplexity windows.", show_default=False)]
-    = EVALUATION.max_windows,
-    eval_seqlen: Annotated[int, typer.Option("--eval-seqlen", help="Perplexity window (capped by the model).")]
-    = EVALUATION.seqlen,
+    eval_limit: Annotated[Optional[str], typer.Option("--eval-limit", metavar="INTEGER", help="Items per lm-eval "
+                                                      "task.", show_default=False)] = EVALUATION.limit,
+    eval_max_windows: Annotated[Optional[str], typer.Option("--eval-max-windows", metavar="INTEGER", help="Score "
+                                                            "only the first N perplexity windows.",
+                                                            show_default=False)] = EVALUATION.max_windows,
+    eval_seqlen: Annotated[str, typer.Option("--eval-seqlen", metavar="INTEGER", help="Perplexity window (capped "
+                                             "by the model).")] = EVALUATION.seqlen,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = DEFAULT.output.experiment,
     log_model: Annotated[bool, typer.Option("--log-model", help="Copy the pruned folder into the MLflow run.")]
     = DEFAULT.output.log_model,
@@ -122,17 +122,19 @@ def prune_command(
 ) -> None:
     """Prune a model block by block into a Hugging Face folder; a rerun resumes from the cache."""
     from flows.prune import prune_model
+    from tasks.blockwise.preflight import check_inputs
 
     if sparsity is not None and pattern is not None:
         raise SettingError("--sparsity/--pattern", f"{sparsity}/{pattern}", "both given",
                            "give one: --sparsity 0.7 or --pattern 2:4")
+    names = FLAGS | ({"solver.pattern": "--sparsity"} if sparsity is not None else {})
     settings: dict[str, Any] = {
         "model": model,
         "solver": {"method": method, "method_config": method_overrides(config or [], [method]),
                    "true_sequential": true_sequential,
                    "gram_dtype": gram_dtype,
-                   **({"pattern": pattern if pattern is not None else sparsity}
-                      if pattern is not None or sparsity is not None else {})},
+                   **({"pattern": pattern} if pattern is not None else {}),
+                   **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                         "activation_dtype": activation_dtype},
         "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "task_runner": task_runner,
@@ -146,10 +148,21 @@ def prune_command(
                        "tasks": split_names(eval_tasks), "limit": eval_limit, "max_windows": eval_max_windows,
                        "seqlen": eval_seqlen} if evaluate else None,
     }
-    run = validated(PruneConfig, settings, names=FLAGS, fix="see `alps prune --help`")
+    run = validated(PruneConfig, settings, names=names, fix="see `alps prune --help`")
+    with spelled_as(names):
+        check_inputs(run)  # before the flow starts: what can be checked without a weight loaded
     result = run_flow(prune_model, run)
     print_result(result)
     report_tracking(run.output.tracking, result.tracking_problem)
+
+
+def _fraction(sparsity: str) -> float:
+    """``--sparsity`` as a number (its range is the pattern's to check): a pattern such as 2:4 goes to --pattern."""
+    try:
+        return float(sparsity)
+    except ValueError:
+        raise SettingError("--sparsity", sparsity, "not a number", "give a fraction in [0, 1) such as "
+                           "--sparsity 0.7, or a structured pattern with --pattern (2:4, rows:0.7)") from None
 
 
 def print_result(result: PruneResult) -> None:

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from tasks.config.prune import OutputConfig
 from tasks.config.sweep import SweepConfig
-from tasks.config.validation import validated
+from tasks.config.validation import spelled_as, validated
 
 from .base import app, console, method_overrides, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
@@ -37,14 +38,16 @@ from .track import report_tracking
 __all__ = ["sweep_command"]
 
 DEFAULT = SweepConfig()
-FLAGS = {"methods": "--methods", "solver": "--config", "patterns": "--patterns", "solver.method_config": "--config",
+FLAGS = {"model": "--model", "methods": "--methods", "solver": "--config", "patterns": "--patterns",
+         "solver.pattern": "--patterns", "solver.method_config": "--config",
          "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples", "calibration.seqlen": "--seqlen",
          "calibration.seed": "--seed", "calibration.activation_dtype": "--activation-dtype",
          "runtime.keep_every": "--keep-every", "runtime.offload_activations": "--offload-activations",
          "runtime.check_resources": "--no-resource-check",
          "runtime.batch_size": "--batch-size", "runtime.device": "--device",
          "runtime.threads": "--threads", "runtime.cache_dir": "--cache-dir", "runtime.data_dir": "--data-dir",
-         "output": "--output", "evaluation.perplexity": "--ppl", "evaluation.max_windows": "--max-windows",
+         "output": "--output", "output.folder": "--output", "evaluation.perplexity": "--ppl",
+         "evaluation.max_windows": "--max-windows",
          "concurrency": "--concurrency", "tracking": "--tracking"}
 
 
@@ -69,8 +72,8 @@ def sweep_command(
     ppl: Annotated[str, typer.Option("--ppl", help="Comma-separated data sets to measure every pruned model's "
                                      "perplexity on (tracked in MLflow); '' for none.")] = "",
     max_windows: MaxWindowsOption = None,
-    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Configurations run at a time after "
-                                             "the first (which captures the calibration inputs).")]
+    concurrency: Annotated[str, typer.Option("--concurrency", metavar="INTEGER", help="Configurations run at a "
+                                             "time after the first (which captures the calibration inputs).")]
     = DEFAULT.concurrency,
     track: Annotated[bool, typer.Option("--track", help="Log an MLflow parent run and one child run per "
                                         "configuration.")] = DEFAULT.track,
@@ -86,6 +89,7 @@ def sweep_command(
 ) -> None:
     """Prune one model with every method at every pattern, sharing one cache folder; prints a table."""
     from flows.sweep import sweep_models
+    from tasks.blockwise.preflight import check_inputs, check_output_folder
 
     settings: dict[str, Any] = {
         "model": model, "methods": split_names(methods), "patterns": split_names(patterns),
@@ -101,6 +105,9 @@ def sweep_command(
         if split_names(ppl) else None,
     }
     sweep = validated(SweepConfig, settings, names=FLAGS, fix="see `alps sweep --help`")
+    with spelled_as(FLAGS):  # before the flow starts: what can be checked without a weight loaded
+        check_output_folder(OutputConfig(folder=sweep.output, overwrite=True))
+        check_inputs(sweep.plan()[0], other_patterns=sweep.patterns[1:])
     summary = run_flow(sweep_models, sweep)
 
     rows = summary.configurations

@@ -5,6 +5,7 @@ The CLI prints these without a traceback; anything else is a bug and keeps its t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 __all__ = ["AlpsError", "DataError", "HubUnavailableError", "ModelReferenceError", "SettingError", "StorageError",
@@ -20,6 +21,11 @@ class AlpsError(Exception):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{field}={value!r}: {problem}. Fix: {fix}")
+
+    def renamed(self, names: Mapping[str, str]) -> AlpsError:
+        """The same error with its field as ``names`` spells it (``calibration.nsamples`` -> ``--nsamples``);
+        a field ``names`` lacks keeps its name."""
+        return type(self)(names.get(self.field, self.field), self.value, self.problem, self.fix)
 
 
 class ModelReferenceError(AlpsError):

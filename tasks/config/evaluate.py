@@ -4,12 +4,13 @@ and, for the evaluation flow, of which model and where (``EvaluateConfig``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..common.files import PRUNE_REPORT_FILE
-from ..data.registry import DatasetKind, dataset_spec
 from ..evaluation.lm_eval_tasks import ZERO_SHOT_TASKS, unknown_task
+from . import fields
 from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 
 __all__ = ["EvaluateConfig", "EvaluationSpec"]
@@ -29,13 +30,7 @@ class EvaluationSpec(BaseModel):
     ppl_batch_size: int = Field(1, ge=1, description="perplexity windows per forward pass")
     batch_size: int = Field(8, ge=1, description="lm-eval batch size")
 
-    @field_validator("perplexity")
-    @classmethod
-    def _text_data_sets(cls, names: list[str] | None) -> list[str] | None:
-        for name in names or ():
-            if dataset_spec(name).kind is not DatasetKind.TEXT:
-                raise ValueError(f"perplexity={name!r} is a zero-shot task, not a text data set")
-        return names
+    _text_data_sets = field_validator("perplexity")(fields.text_datasets)
 
     @field_validator("tasks")
     @classmethod
@@ -51,15 +46,18 @@ class EvaluateConfig(EvaluationSpec):
 
     model: str = Field(DEFAULT_MODEL, description="bundled name, local folder, .gguf file or hub id[@revision]")
     perplexity: list[str] = Field(["wikitext2"], description="text data sets for perplexity")
-    dtype: str = Field("float32", description="dtype the model is loaded in")
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = Field(
+        "float32", description="dtype the model is loaded in")
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     threads: int | None = Field(None, ge=1, description="torch CPU threads")
     data_dir: Path | None = Field(None, description="local data root; default $ALPS_DATA_DIR, else the hub")
     prune_report: Path | None = Field(None, description="prune_report.json to log; default: the model folder's")
     log_model: bool = Field(False, description="copy the model folder into the MLflow run (else record its path)")
-    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
+    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment")
     tracking: TrackingMode = Field(DEFAULT_TRACKING, description=TRACKING_HELP)
     trust_remote_code: bool = False
+
+    _known_device = field_validator("device")(fields.device)
 
     def report_path(self) -> Path | None:
         """The prune report to log: the one given, else ``prune_report.json`` in a local model folder."""

@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     PlainSerializer,
     PlainValidator,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
     model_validator,
@@ -34,6 +35,7 @@ from pydantic import (
 from alps_solver import SparsityPattern, make_config, method_names
 
 from ..common.files import cache_root
+from . import fields
 from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 from .evaluate import EvaluateConfig, EvaluationSpec
 
@@ -109,6 +111,8 @@ class CalibrationConfig(_Settings):
         "bfloat16", description="dtype the block inputs and outputs are stored and kept in (the block math and H "
         "stay float32/float64); float32 doubles the activations' disk and memory")
 
+    _known_dataset = field_validator("dataset")(fields.calibration_dataset)
+
 
 class RuntimeConfig(_Settings):
     """Where and how a run executes; none of it is part of the cache keys. The device, ``batch_size`` and
@@ -137,6 +141,16 @@ class RuntimeConfig(_Settings):
     check_resources: bool = Field(True, description="refuse, before any work, a run whose resource plan does not "
                                   "fit the free disk, RAM or device memory")
 
+    _known_device = field_validator("device")(fields.device)
+
+    @field_validator("runner_address")
+    @classmethod
+    def _address_of_a_cluster(cls, address: str | None, info: ValidationInfo) -> str | None:
+        if address is not None and info.data.get("task_runner") == "threads":
+            raise ValueError("an address is for an existing Dask scheduler or Ray cluster, and the threads task "
+                             "runner has none: choose the dask or ray task runner, or give no address")
+        return address
+
     def resolved_cache_dir(self) -> Path:
         """``cache_dir``, or its default under the cache root, as an absolute path."""
         return Path(self.cache_dir or cache_root() / "runs").expanduser().resolve()
@@ -147,7 +161,7 @@ class OutputConfig(_Settings):
 
     folder: Path = Field(Path("out"), description="folder for the pruned model (save_pretrained layout)")
     overwrite: bool = Field(False, description="replace a non-empty folder once the new model is complete")
-    experiment: str = Field(DEFAULT_EXPERIMENT, description="MLflow experiment")
+    experiment: str = Field(DEFAULT_EXPERIMENT, min_length=1, description="MLflow experiment")
     log_model: bool = Field(False, description="copy the pruned folder into the MLflow run (else its path)")
     tracking: TrackingMode = Field(DEFAULT_TRACKING, description=TRACKING_HELP)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -18,12 +18,13 @@ from transformers import PreTrainedTokenizerBase
 
 from ..common.errors import DataError, SettingError
 from .loading import load_texts
-from .registry import DATASETS, dataset_spec
+from .registry import DATASETS, DatasetSpec, dataset_spec
 
 __all__ = [
     "calibration_text_hash",
     "cap_seqlen",
     "calibration_windows",
+    "check_calibration_size",
     "check_seqlen",
     "sample_document_windows",
     "sample_stream_windows",
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_DOCUMENT_CHUNK = 512  # documents tokenized at a time while counting the windows a data set holds
 
 
 def tokenize_text(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
@@ -117,20 +120,16 @@ def calibration_windows(
     if nsamples < 1:
         raise SettingError("nsamples", nsamples, "must be at least 1", "use e.g. --nsamples 128")
     check_seqlen(seqlen)
-    spec = dataset_spec(name)
-    if spec.calibration_split is None:
-        raise DataError(
-            "calibration dataset",
-            name,
-            "has no training split to calibrate on",
-            f"use one of {', '.join(n for n, s in DATASETS.items() if s.calibration_split)}",
-        )
-    rows = load_texts(name, spec.calibration_split, data_dir)
+    spec, rows = _calibration_text(name, data_dir)
     rng = random.Random(seed)
     if spec.documents:
-        windows = sample_document_windows(tokenize_documents(tokenizer, rows), nsamples, seqlen, rng)
+        documents = tokenize_documents(tokenizer, rows)
+        _check_windows(spec, nsamples, seqlen, [document.numel() for document in documents])
+        windows = sample_document_windows(documents, nsamples, seqlen, rng)
     else:
-        windows = sample_stream_windows(tokenize_text(tokenizer, spec.joiner.join(rows)), nsamples, seqlen, rng)
+        tokens = tokenize_text(tokenizer, spec.joiner.join(rows))
+        _check_windows(spec, nsamples, seqlen, [tokens.numel()])
+        windows = sample_stream_windows(tokens, nsamples, seqlen, rng)
     logger.info(
         "Calibration: %d windows of %d tokens from %s/%s (seed %d)",
         nsamples,
@@ -140,6 +139,58 @@ def calibration_windows(
         seed,
     )
     return windows
+
+
+def check_calibration_size(
+    name: str, tokenizer: PreTrainedTokenizerBase, *, nsamples: int, seqlen: int, data_dir: str | Path | None = None
+) -> None:
+    """Raise SettingError unless the training text of ``name`` holds ``nsamples`` windows of ``seqlen`` tokens
+    that do not overlap: more would have the calibration repeat text. Documents are tokenized only until
+    enough are found, so a large data set is not tokenized twice (``calibration_windows`` checks the same)."""
+    spec, rows = _calibration_text(name, data_dir)
+    if not spec.documents:
+        _check_windows(spec, nsamples, seqlen, [tokenize_text(tokenizer, spec.joiner.join(rows)).numel()])
+        return
+    lengths: list[int] = []
+    for start in range(0, len(rows), _DOCUMENT_CHUNK):
+        lengths += [document.numel() for document in tokenize_documents(tokenizer, rows[start:start + _DOCUMENT_CHUNK])]
+        if _window_count(lengths, seqlen) >= nsamples:
+            return
+    _check_windows(spec, nsamples, seqlen, lengths)
+
+
+def _calibration_text(name: str, data_dir: str | Path | None) -> tuple[DatasetSpec, list[str]]:
+    spec = dataset_spec(name)
+    if spec.calibration_split is None:
+        raise DataError(
+            "calibration dataset",
+            name,
+            "has no training split to calibrate on",
+            f"use one of {', '.join(n for n, s in DATASETS.items() if s.calibration_split)}",
+        )
+    return spec, load_texts(name, spec.calibration_split, data_dir)
+
+
+def _window_count(lengths: Iterable[int], seqlen: int) -> int:
+    """Windows of ``seqlen`` tokens, none overlapping, that texts of these token counts hold (as drawn, a
+    window is followed by at least one more token of its text)."""
+    return sum(max(length - 1, 0) // seqlen for length in lengths)
+
+
+def _check_windows(spec: DatasetSpec, nsamples: int, seqlen: int, lengths: list[int]) -> None:
+    """``nsamples`` windows of ``seqlen`` tokens fit, without overlapping, in texts of ``lengths`` tokens."""
+    name, available = spec.name, _window_count(lengths, seqlen)
+    if available == 0:  # not one window: the window is too long, whatever the count
+        longest = max(lengths, default=0)
+        problem = (f"no document has {seqlen + 1} tokens (the longest of {name}'s training split has {longest})"
+                   if spec.documents else f"{name}'s training text has only {longest} tokens, too few for one window")
+        raise SettingError("seqlen", seqlen, problem, f"lower --seqlen to {max(longest - 1, 2)} or less")
+    if nsamples > available:
+        raise SettingError(
+            "nsamples", nsamples,
+            f"{name}'s training text holds {available} windows of {seqlen} tokens ({sum(lengths):,} tokens), "
+            f"fewer than the {nsamples} asked for: the windows would repeat text",
+            f"use --nsamples {available} or fewer, a shorter --seqlen, or a larger data set (--calib)")
 
 
 def tokens_sha256(tokens: torch.Tensor) -> str:

@@ -11,7 +11,7 @@ import torch
 from tasks.common.errors import DataError, HubUnavailableError, SettingError
 from tasks.data.loading import describe_datasets, load_examples, load_texts
 from tasks.data.registry import DATA_DIR_ENV, dataset_spec, resolve_data_root
-from tasks.data.sampling import calibration_windows
+from tasks.data.sampling import calibration_windows, check_calibration_size
 
 
 @pytest.mark.parametrize(
@@ -118,6 +118,17 @@ def test_calibration_rejects_bad_sizes(smollm2, data_dir: Path, nsamples: int, s
     _, tokenizer = smollm2
     with pytest.raises(SettingError, match=f"^{field}={nsamples if field == 'nsamples' else seqlen}:.*Fix:"):
         calibration_windows("wikitext2", tokenizer, nsamples=nsamples, seqlen=seqlen, data_dir=data_dir)
+
+
+def test_calibration_refuses_more_windows_than_its_text_holds(tokenizer) -> None:
+    text = "\n\n".join(load_texts("pydoc", "train"))  # this Python's documentation: its length varies
+    holds = (len(tokenizer(text, verbose=False)["input_ids"]) - 1) // 2048  # windows that do not overlap
+    with pytest.raises(SettingError, match=f"^nsamples={holds + 1}: pydoc's training text holds {holds} windows of "
+                       f"2048 tokens.*Fix: use --nsamples {holds} or fewer"):
+        calibration_windows("pydoc", tokenizer, nsamples=holds + 1, seqlen=2048)
+    check_calibration_size("pydoc", tokenizer, nsamples=holds, seqlen=2048)  # the same count, checked before a run
+    with pytest.raises(SettingError, match=f"^nsamples={holds + 1}:"):
+        check_calibration_size("pydoc", tokenizer, nsamples=holds + 1, seqlen=2048)
 
 
 def test_calibration_rejects_windows_longer_than_any_document(smollm2, data_dir: Path) -> None:
