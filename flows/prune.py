@@ -38,7 +38,7 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
     ``evaluation.json``), so a store that fails midway costs the run nothing but its MLflow record.
     One run at a time writes an output folder: a second is refused."""
     tracking.check_store(config.output.experiment, config.output.tracking)  # required: stops now unless MLflow records
-    with claim_output_folder(config.output):  # checked under the claim, so a run that finished meanwhile is seen
+    with claim_output_folder(config.output, config):  # checked under the claim: a run that finished meanwhile is seen
         return _prune(config, parent_run_id)
 
 

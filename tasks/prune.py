@@ -30,7 +30,7 @@ from alps_solver import LayerProblem
 from .blockwise import steps
 from .blockwise.chain import BlockChain, Link, is_kept, plan_chain, run_keys
 from .blockwise.export import release_activations as delete_activations
-from .blockwise.export import write_pruned_model
+from .blockwise.export import saved_earlier, write_pruned_model
 from .blockwise.group_files import load_group, save_group
 from .blockwise.records import BlockResult, CalibrationResult, FileRecord, LayerReport
 from .blockwise.report import PruneReport
@@ -271,8 +271,15 @@ class BlockProgress:
 @task(name="save-pruned-model", cache_policy=NO_CACHE)
 def save_pruned_model(model: PreparedModel, blocks: list[BlockResult], config: PruneConfig,
                       report: PruneReport) -> Path:
-    """Write the pruned model as a save_pretrained folder, verify it, then move it into place atomically."""
-    output = write_pruned_model(model, blocks, config.solver.pattern, report.to_json(), config.output.folder)
+    """Write the pruned model as a save_pretrained folder, verify it, then move it into place atomically; a folder
+    an earlier attempt of this run saved (stopped after its save) is kept as it is."""
+    record = report.to_json()
+    if not config.output.overwrite and saved_earlier(config.output.folder, record):
+        output = Path(config.output.folder).resolve()
+        run_logger(logger).info("%s already holds this run's pruned model (saved and verified by an earlier attempt "
+                                "of it): kept", output)
+        return output
+    output = write_pruned_model(model, blocks, config.solver.pattern, record, config.output.folder)
     run_logger(logger).info("pruned model saved to %s", output)
     return output
 

@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("alps_solver", "tasks", "flows")
-PREFECT_LAYER = {"tasks.prune", "tasks.evaluate", "tasks.sweep", "tasks.orchestration"}  # tasks/*.py
+PREFECT_LAYER = {"tasks.prune", "tasks.evaluate", "tasks.sweep", "tasks.orchestration", "tasks.local_api"}  # tasks/*.py
 
 
 def module_name(path: Path) -> str:

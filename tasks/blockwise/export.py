@@ -10,6 +10,7 @@ every other tensor is bit-identical to the original. A failed save leaves the pr
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,12 +21,13 @@ from safetensors import safe_open
 
 from alps_solver import SparsityPattern
 
+from ..common.errors import AlpsError
 from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_write_json, storage_error, temporary_name
 from ..model.checkpoint import Checkpoint, write_like
 from ..model.prepared import PreparedModel
 from .records import BlockResult, FileRecord
 
-__all__ = ["VerificationError", "release_activations", "write_pruned_model"]
+__all__ = ["VerificationError", "release_activations", "saved_earlier", "write_pruned_model"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
@@ -60,6 +62,24 @@ def write_pruned_model(model: PreparedModel, blocks: list[BlockResult], pattern:
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return output
+
+
+def saved_earlier(folder: Path, report: dict[str, Any]) -> bool:
+    """Whether ``folder`` already holds this run's model: an earlier attempt of the same run (same settings)
+    saved and verified it, then was stopped before the end (during its tracking or evaluation). The same result
+    (``result_key``: model, calibration and every block's solve) is kept as it is; the same settings with another
+    result (the model file or the calibration text changed since) raise an error naming the fix."""
+    try:
+        saved = json.loads((Path(folder) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if saved.get("config") != report["config"]:
+        return False
+    if saved.get("result_key") and saved.get("result_key") == report["result_key"]:
+        return True
+    raise AlpsError("output.folder", str(folder), "holds a model pruned with these settings from other inputs "
+                    "(the model or the calibration text changed since it was saved)",
+                    "pass --overwrite to replace it, or choose a new --output")
 
 
 def _write_verified(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern, report: dict[str, Any],

@@ -12,6 +12,7 @@ checks it again under the claim (``claim_output_folder``), and checks the patter
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from alps_solver import PatternKind, SparsityPattern
 
 from ..common.errors import AlpsError, ModelReferenceError
-from ..common.files import remove_dead_temporaries
+from ..common.files import PRUNE_REPORT_FILE, remove_dead_temporaries
 from ..common.locks import claim_folder
 from ..config.prune import OutputConfig, PruneConfig, RuntimeConfig
 from ..config.validation import spelled_as
@@ -32,13 +33,14 @@ from ..model.prepared import PreparedModel, linear_shapes
 from ..model.references import locate_model
 from ..planning.check import shape_of
 
-__all__ = ["check_cache_folder", "check_inputs", "check_output_folder", "check_pattern_fits", "claim_output_folder"]
+__all__ = ["check_cache_folder", "check_inputs", "check_output_folder", "check_pattern_fits", "claim_output_folder",
+           "same_run"]
 
 
 def check_inputs(config: PruneConfig, other_patterns: Sequence[SparsityPattern] = ()) -> None:
     """Every check of ``config`` that loads no weight; a bad input raises AlpsError naming its field.
     ``other_patterns`` (a sweep's) are checked against the model's layers too."""
-    check_output_folder(config.output)
+    check_output_folder(config.output, config)
     check_cache_folder(config.runtime)
     with spelled_as({"device": "runtime.device"}):
         resolve_device(config.runtime.device)  # present on this machine
@@ -55,11 +57,15 @@ def check_inputs(config: PruneConfig, other_patterns: Sequence[SparsityPattern] 
                                seqlen=seqlen, data_dir=config.runtime.data_dir)
 
 
-def check_output_folder(output: OutputConfig) -> None:
-    """The output folder can be written: it does not exist, is empty, or may be replaced (``overwrite``)."""
+def check_output_folder(output: OutputConfig, config: PruneConfig | None = None) -> None:
+    """The output folder can be written: it does not exist, is empty, or may be replaced (``overwrite``); or it
+    holds the model an earlier attempt of the same run (``config``) saved before it was stopped, which the run
+    keeps if its result is the same (``tasks.blockwise.export.saved_earlier``)."""
     folder = Path(output.folder)
     if folder.exists() and not folder.is_dir():
         raise AlpsError("output.folder", str(folder), "exists and is not a folder", "choose a folder path")
+    if config is not None and same_run(folder, config):
+        return
     if folder.is_dir() and any(folder.iterdir()) and not output.overwrite:
         raise AlpsError(
             "output.folder", str(folder), "the folder exists and is not empty",
@@ -68,15 +74,24 @@ def check_output_folder(output: OutputConfig) -> None:
 
 
 @contextmanager
-def claim_output_folder(output: OutputConfig) -> Iterator[None]:
+def claim_output_folder(output: OutputConfig, config: PruneConfig | None = None) -> Iterator[None]:
     """Hold the output folder against other runs for the body (a second run writing it at the same time is
     refused: ``FolderInUse``), once it is checked to be writable (``check_output_folder``, under the claim so
-    that a run which finished meanwhile is seen)."""
+    that a run which finished meanwhile is seen; ``config``: this run's, see there)."""
     folder = Path(output.folder).resolve()
     with claim_folder(folder):
         remove_dead_temporaries(folder.parent, folder.name)  # a killed save's half-written folder
-        check_output_folder(output)
+        check_output_folder(output, config)
         yield
+
+
+def same_run(folder: Path, config: PruneConfig) -> bool:
+    """Whether ``folder`` holds a pruned model whose report records ``config``: the same command saved it."""
+    try:
+        recorded = json.loads((Path(folder) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return recorded == config.model_dump(mode="json")
 
 
 def check_cache_folder(runtime: RuntimeConfig) -> None:

@@ -60,6 +60,7 @@ class PruneReport(BaseModel):
     solver_config: dict[str, Any]
     calibration: CalibrationRecord
     pipeline_version: int
+    result_key: str = ""  # the last block's cache key: it names this exact result (model, calibration, every solve)
     reused_blocks: list[int]
     computed_blocks: list[int]
     seconds: float  # the blocks' own time (cached blocks: the time they took when computed)
@@ -96,6 +97,7 @@ def build_report(model: PreparedModel, config: PruneConfig, calibration: Calibra
         calibration=CalibrationRecord(seqlen=calibration.seqlen, tokens=calibration.tokens,
                                       tokens_sha256=calibration.tokens_sha256),
         pipeline_version=PIPELINE_VERSION,
+        result_key=blocks[-1].key if blocks else "",
         reused_blocks=[b.index for b in blocks if b.cached],
         computed_blocks=[b.index for b in blocks if not b.cached],
         seconds=sum(b.seconds for b in blocks),

@@ -6,6 +6,7 @@ is emulated with POSIX record locks by Linux, which NFS servers support; the sam
 
 - ``entry_lock(folder, key)`` serialises the computation of one cache entry: the second run waits, and
   then finds the entry the first one wrote (the caller looks the entry up again once it holds the lock).
+- ``file_lock(path, what)`` is the same wait on any lock file (a new MLflow SQLite store is created under one).
 - ``claim_folder(path)`` lets one run at a time write an output folder: a second run is refused at once
   with an error naming the folder and the process holding it.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from .errors import AlpsError
 from .files import storage_error
 
-__all__ = ["FolderInUse", "LOCKS", "claim_folder", "entry_lock", "lock_holder"]
+__all__ = ["FolderInUse", "LOCKS", "claim_folder", "entry_lock", "file_lock", "lock_holder"]
 
 LOCKS = "locks"  # where a cache folder keeps its entries' lock files
 _WAIT_REPORT_SECONDS = 60.0  # how often a run waiting for another one's entry says so
@@ -93,8 +94,17 @@ def entry_lock(folder: Path, key: str, what: str = "cache entry",
                log: logging.Logger | logging.LoggerAdapter | None = None) -> Iterator[None]:
     """Hold the lock of cache entry ``key`` in ``folder`` (``folder/locks/<key>.lock``), waiting while another
     run holds it and saying so (on ``log``) every minute. Lock files stay (a few bytes per entry)."""
+    with file_lock(Path(folder) / LOCKS / f"{key}.lock", what, log, remove=False):
+        yield
+
+
+@contextmanager
+def file_lock(path: Path, what: str, log: logging.Logger | logging.LoggerAdapter | None = None,
+              remove: bool = True) -> Iterator[None]:
+    """Hold the lock file at ``path``, waiting while another process holds it and saying so (on ``log``) every
+    minute; ``remove`` unlinks the file on release (while still holding it: see ``_try_lock``)."""
     log = log or logger
-    path = Path(folder) / LOCKS / f"{key}.lock"
+    path = Path(path)
     descriptor = _try_lock(path)
     if descriptor is None:
         started = time.monotonic()
@@ -109,6 +119,8 @@ def entry_lock(folder: Path, key: str, what: str = "cache entry",
     try:
         yield
     finally:
+        if remove:
+            path.unlink(missing_ok=True)
         os.close(descriptor)
 
 

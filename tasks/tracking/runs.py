@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..common.errors import DataError, TrackingError
-from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE
+from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, remove_dead_temporaries, temporary_name
+from ..common.locks import file_lock
 from ..config.defaults import DEFAULT_EXPERIMENT, DEFAULT_TRACKING, TrackingMode
 from ..evaluation.summary import EVALUATION_FILE
 from .plots import layer_rows, plot_layer_errors, plot_layer_sparsity, plot_solver_history
@@ -102,7 +103,46 @@ def tracking_uri() -> str:
 def _client():
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    _create_sqlite_store(uri)
+    return MlflowClient(uri)
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a SQLite store URI, None for other stores. A SQLite URI may name its file as a URI
+    of its own (``sqlite:///file:/path/mlflow.db?mode=ro&uri=true``)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").partition("?")[0].removeprefix("file:"))
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create a SQLite store that does not exist yet whole: its tables are made in a temporary file, renamed
+    into place once complete, under a lock beside it. MLflow creates them in place, so a run killed at that
+    moment would leave a half-made database that every later run refuses ("table ... already exists")."""
+    database = _sqlite_file(uri)
+    if database is None or "mode=ro" in uri or not database.parent.is_dir() or _has_content(database):
+        return  # an existing store, or one MLflow will refuse with its own error
+    with file_lock(database.with_name(f".{database.name}.lock"), f"the new MLflow store {database}", logger):
+        if _has_content(database):  # another run made it meanwhile
+            return
+        remove_dead_temporaries(database.parent, database.name)
+        temporary = database.with_name(temporary_name(database) + "tmp")
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        try:
+            store = SqlAlchemyStore(f"sqlite:///{temporary}", _artifact_location(uri))
+            store.engine.dispose()
+            os.replace(temporary, database)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def _has_content(database: Path) -> bool:
+    try:
+        return database.stat().st_size > 0
+    except FileNotFoundError:
+        return False
 
 
 def _experiment_id(client: Any, name: str) -> str:
@@ -114,11 +154,10 @@ def _experiment_id(client: Any, name: str) -> str:
 
 def _artifact_location(uri: str) -> str | None:
     """``mlruns/`` beside a SQLite store's file (MLflow's own default is ``./mlruns`` in whatever the working
-    directory is); other stores keep their server's default. A SQLite URI may name its file as a URI of its own
-    (``sqlite:///file:/path/mlflow.db?mode=ro&uri=true``)."""
-    if not uri.startswith("sqlite:///"):
+    directory is); other stores keep their server's default."""
+    database = _sqlite_file(uri)
+    if database is None:
         return None
-    database = Path(uri.removeprefix("sqlite:///").partition("?")[0].removeprefix("file:"))
     return (database.parent.resolve() / "mlruns").as_uri()
 
 
@@ -160,6 +199,8 @@ _REASONS = (
     ("database is locked", "the database is locked by another process"),
     ("permission denied", "permission denied"),
     ("no space left", "no space left on the device"),
+    (("table ", "already exists"), "the database was left half-made by a process killed while creating it: "
+                                   "delete the file if it holds no runs yet"),
     ("timed out", f"no answer within {PROBE_TIMEOUT_SECONDS} s"),
     ("timeout", f"no answer within {PROBE_TIMEOUT_SECONDS} s"),
     ("name or service not known", "unknown host"),
@@ -173,8 +214,8 @@ def _reason(error: BaseException) -> str:
     while seen is not None and len(texts) < 5:  # MLflow wraps the database's or the network's error
         texts.append(str(seen).lower())
         seen = seen.__cause__ or seen.__context__
-    for words, reason in _REASONS:
-        if any(words in text for text in texts):
+    for words, reason in _REASONS:  # words: one string, or several that must all be in one text
+        if any(all(word in text for word in ((words,) if isinstance(words, str) else words)) for text in texts):
             return reason
     first = (str(error).strip().splitlines() or [""])[0]
     return f"{type(error).__name__}: {first[:200]}"
@@ -353,10 +394,10 @@ def tracked_run(
     mode: TrackingMode = DEFAULT_TRACKING,
 ) -> Iterator[str | None]:
     """Yield ``run_id``, or a new run's id. A run created here ends FINISHED, KILLED if the body is interrupted
-    (KeyboardInterrupt or a subclass, as a SIGTERM turned into one), or FAILED if it raises anything else; what was
-    logged stays. A run passed in belongs to its caller, who ends it (tags are still added). When the store cannot
-    record a new run, ``mode`` decides: ``required`` raises TrackingError before the body, ``optional`` yields None
-    (untracked; every logging function skips it)."""
+    (KeyboardInterrupt, Prefect's TerminationSignal or any other BaseException that is not an Exception), or FAILED
+    if it raises an Exception; what was logged stays. A run passed in belongs to its caller, who ends it (tags are
+    still added). When the store cannot record a new run, ``mode`` decides: ``required`` raises TrackingError
+    before the body, ``optional`` yields None (untracked; every logging function skips it)."""
     owned = run_id is None
     if owned:
         run_id = _open_run(run_name, tags, experiment, mode)
@@ -366,7 +407,7 @@ def tracked_run(
         yield run_id
     except BaseException as error:
         if owned:
-            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            status = "FAILED" if isinstance(error, Exception) else "KILLED"
             try:
                 end_run(run_id, status)  # a store that is down is ignored by the guard
             except Exception:  # marking the run must never hide why it ended

@@ -447,6 +447,23 @@ def test_non_empty_output_needs_overwrite(prefect_harness, tokenizer, tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
+def test_the_same_run_again_keeps_the_model_it_saved_and_other_inputs_need_overwrite(prefect_harness, tokenizer,
+                                                                                      tmp_path):
+    """A run stopped after its save (during tracking or evaluation) is run again as the same command: the folder
+    it saved is its own finished result, kept as it is; the same settings on a changed model are refused."""
+    model_dir = save_model(tmp_path / "model", tokenizer)
+    first = prune_model(config_for(model_dir, tmp_path))
+    saved = {file.name: file.stat().st_ino for file in first.output.iterdir()}
+    again = prune_model(config_for(model_dir, tmp_path))  # no --overwrite
+    assert again.report.reused_blocks == [0, 1]
+    assert {file.name: file.stat().st_ino for file in again.output.iterdir()} == saved, "kept, not rewritten"
+
+    save_model(model_dir, tokenizer, seed=1)  # the same path and settings, other weights
+    with pytest.raises(AlpsError, match="other inputs.*--overwrite"):
+        prune_model(config_for(model_dir, tmp_path))
+    assert {file.name: file.stat().st_ino for file in first.output.iterdir()} == saved
+
+
 MEMORY_SCRIPT = RUN_SCRIPT + textwrap.dedent("""
     import resource
     print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from prefect.exceptions import TerminationSignal
 from typer.testing import CliRunner
 
 import flows.cli.base as cli
@@ -96,14 +99,14 @@ def test_a_store_failing_midway_stops_only_the_logging(store, tmp_path, monkeypa
 
 
 class Terminated(KeyboardInterrupt):
-    """As a SIGTERM turned into an interruption."""
+    """As a SIGTERM turned into an interruption (tasks.common.stopping.Stopped)."""
 
 
-@pytest.mark.parametrize("interruption", [KeyboardInterrupt, Terminated])
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt, Terminated, TerminationSignal])
 def test_an_interrupted_run_is_marked_killed_keeping_what_was_logged(store, interruption):
     with pytest.raises(interruption), tracking.tracked_run(None, "killed") as run_id:
         tracking.log_metrics(run_id, {"ppl/wikitext2": 12.5})
-        raise interruption
+        raise interruption(signal.SIGTERM) if interruption is TerminationSignal else interruption
     run = MlflowClient(store).get_run(run_id)
     assert run.info.status == "KILLED" and run.data.metrics["ppl/wikitext2"] == 12.5
 
@@ -146,3 +149,26 @@ def test_track_needs_a_prune_report_and_a_store(tmp_path, closed_port_store):
     assert missing.exit_code == 2 and "holds no prune_report.json" in missing.output
     down = runner.invoke(app, ["track", str(pruned_folder(tmp_path / "out"))])
     assert down.exit_code == 2 and "connection refused" in down.output and closed_port_store in down.output
+
+
+def test_a_new_sqlite_store_is_created_whole_and_found_by_the_next_run(tmp_path, monkeypatch):
+    database = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    tracking.check_store("alps", "required")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"], "no temporary database or lock file left"
+    with sqlite3.connect(database) as connection:
+        tables = {row[0] for row in connection.execute("select name from sqlite_master where type = 'table'")}
+    assert {"runs", "experiments", "metrics"} <= tables
+    with tracking.tracked_run(None, "second") as run_id:  # the store made whole is used as it is
+        tracking.log_metrics(run_id, {"ppl/wikitext2": 1.0})
+    assert MlflowClient(f"sqlite:///{database}").get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_half_made_sqlite_store_is_refused_with_what_happened_and_the_fix(tmp_path, monkeypatch):
+    database = tmp_path / "mlflow.db"
+    with sqlite3.connect(database) as connection:  # as a process killed while MLflow made its tables in place
+        connection.execute("create table model_version_tags (key text)")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    with pytest.raises(TrackingError) as refused:
+        tracking.check_store("alps", "required")
+    assert "half-made" in str(refused.value) and "delete the file" in str(refused.value)
