@@ -27,7 +27,7 @@ from ..model.checkpoint import Checkpoint, write_like
 from ..model.prepared import PreparedModel
 from .records import BlockResult, FileRecord
 
-__all__ = ["VerificationError", "release_activations", "saved_earlier", "write_pruned_model"]
+__all__ = ["VerificationError", "release_activations", "saved_earlier", "saved_report", "write_pruned_model"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 
@@ -69,17 +69,23 @@ def saved_earlier(folder: Path, report: dict[str, Any]) -> bool:
     saved and verified it, then was stopped before the end (during its tracking or evaluation). The same result
     (``result_key``: model, calibration and every block's solve) is kept as it is; the same settings with another
     result (the model file or the calibration text changed since) raise an error naming the fix."""
-    try:
-        saved = json.loads((Path(folder) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    if saved.get("config") != report["config"]:
+    saved = saved_report(folder)
+    if saved is None or saved.get("config") != report["config"]:
         return False
     if saved.get("result_key") and saved.get("result_key") == report["result_key"]:
         return True
     raise AlpsError("output.folder", str(folder), "holds a model pruned with these settings from other inputs "
                     "(the model or the calibration text changed since it was saved)",
                     "pass --overwrite to replace it, or choose a new --output")
+
+
+def saved_report(folder: Path) -> dict[str, Any] | None:
+    """The ``prune_report.json`` a pruned folder holds, None if it holds no readable one."""
+    try:
+        saved = json.loads((Path(folder) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) else None
 
 
 def _write_verified(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern, report: dict[str, Any],

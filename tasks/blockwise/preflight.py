@@ -12,7 +12,6 @@ checks it again under the claim (``claim_output_folder``), and checks the patter
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +21,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from alps_solver import PatternKind, SparsityPattern
 
 from ..common.errors import AlpsError, ModelReferenceError
-from ..common.files import PRUNE_REPORT_FILE, remove_dead_temporaries
+from ..common.files import remove_dead_temporaries
 from ..common.locks import claim_folder
 from ..config.prune import OutputConfig, PruneConfig, RuntimeConfig
 from ..config.validation import spelled_as
@@ -32,6 +31,7 @@ from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel, linear_shapes
 from ..model.references import locate_model
 from ..planning.check import shape_of
+from .export import saved_report
 
 __all__ = ["check_cache_folder", "check_inputs", "check_output_folder", "check_pattern_fits", "claim_output_folder",
            "same_run"]
@@ -87,11 +87,8 @@ def claim_output_folder(output: OutputConfig, config: PruneConfig | None = None)
 
 def same_run(folder: Path, config: PruneConfig) -> bool:
     """Whether ``folder`` holds a pruned model whose report records ``config``: the same command saved it."""
-    try:
-        recorded = json.loads((Path(folder) / PRUNE_REPORT_FILE).read_text(encoding="utf-8"))["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return recorded == config.model_dump(mode="json")
+    saved = saved_report(folder)
+    return saved is not None and saved.get("config") == config.model_dump(mode="json")
 
 
 def check_cache_folder(runtime: RuntimeConfig) -> None:
