@@ -15,7 +15,7 @@ from .problem import GramCache, LayerProblem
 from .result import Callback, Result
 from .sparsity import SparsityPattern
 
-__all__ = ["METHODS", "solve", "make_config", "method_names", "needs_input_stats"]
+__all__ = ["METHODS", "solve", "make_config", "method_names", "needs_input_stats", "reads_inputs"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class MethodSpec:
     preset: str | None = None  # name of a Config classmethod giving this method's defaults
     summary: str = ""
     input_stats: bool = False  # reads LayerProblem.input_mean and input_var, not only W and H
+    reads_inputs: bool = True  # reads H (or the input statistics): False for magnitude, which sees W alone
 
     def load(self) -> Any:
         return importlib.import_module(f"alps_solver.{self.module}")
@@ -35,7 +36,7 @@ METHODS: dict[str, MethodSpec] = {
     for spec in (
         MethodSpec("alps", "alps", summary="ADMM with adaptive rho + PCG backsolve (Meng et al. 2024)"),
         MethodSpec("alps-simple", "alps", preset="simple", summary="ALPS with looser convergence, faster"),
-        MethodSpec("magnitude", "baselines.magnitude", summary="keep the largest |W|"),
+        MethodSpec("magnitude", "baselines.magnitude", summary="keep the largest |W|", reads_inputs=False),
         MethodSpec("wanda", "baselines.wanda", summary="|W| * ||x||, per output row (Sun et al. 2023)"),
         MethodSpec("sparsegpt", "baselines.sparsegpt", summary="OBS column sweep (Frantar & Alistarh 2023)"),
         MethodSpec("dsnot", "baselines.dsnot", summary="training-free prune-and-grow (Zhang et al. 2024)",
@@ -53,6 +54,11 @@ def method_names() -> list[str]:
 def needs_input_stats(method: str) -> bool:
     """Whether ``method`` reads the per-channel input mean and variance (so callers can skip them)."""
     return _spec(method).input_stats
+
+
+def reads_inputs(method: str) -> bool:
+    """Whether ``method`` reads the calibration inputs (H or their statistics), so can aim at dense targets."""
+    return _spec(method).reads_inputs
 
 
 def _spec(method: str) -> MethodSpec:
@@ -98,8 +104,18 @@ def solve(
     ``cache``: one ``GramCache`` for the layers that share H (q/k/v, gate/up), solved one after another;
     methods that derive something costly from H alone (ALPS's eigendecomposition, SparseGPT's factor of
     H^-1) then do it once per group. The results are the same as without it.
+
+    A problem with a cross Gram (dense targets) is solved in its reduced form (``LayerProblem.reduced``): the
+    result's weights and errors are those of the reduced problem. Magnitude pruning, which never reads the
+    inputs, refuses it.
     """
     spec = _spec(method)
+    if problem.cross is not None:
+        if not spec.reads_inputs:
+            raise ValueError(f"{method} ignores the calibration inputs, so it cannot aim at the dense model's "
+                             "outputs (a problem with a cross Gram); solve it without cross, or use a method that "
+                             "reads H (alps, sparsegpt, wanda, ...).")
+        problem = problem.reduced()
     module = spec.load()
     result: Result = module.solve(problem, SparsityPattern.parse(pattern), make_config(method, config),
                                   callback=callback, cache=cache)

@@ -6,6 +6,15 @@ and dense weights W (d_out, d_in),
     minimise  ||X (W_hat - W)^T||_F^2 = tr((W_hat - W) H (W_hat - W)^T),   H = X^T X,
 
 subject to W_hat satisfying a sparsity pattern. Only H is needed, never X itself.
+
+Dense targets (error correction): when X is the *pruned* model's input X_p, the layer can aim at the dense
+model's output X_d W^T instead of its own, minimising ||X_p W_hat^T - X_d W^T||_F^2. That needs one more
+matrix beside H = X_p^T X_p, the cross Gram K = X_p^T X_d, and reduces to the objective above: with the
+target weights W* = W K^T H^-1 (W* H = W K^T, the unconstrained minimiser),
+
+    ||X_p W_hat^T - X_d W^T||^2 = ||X_p (W_hat - W*)^T||^2 + constant,
+
+so every method that reads H solves the reduced problem (W*, H) unchanged (``LayerProblem.reduced``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import torch
 __all__ = ["GramCache", "LayerProblem", "ScaledGram", "ScaledProblem", "gram_matrix", "gram_matrix_flops"]
 
 T = TypeVar("T")
+CROSS_RIDGE = 0.01  # lambda / mean(diag H) of the dense-target weights W* (LayerProblem.reduced)
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _GRAM_DTYPES = (torch.float32, torch.float64)
 
@@ -29,7 +39,9 @@ class LayerProblem:
     """Dense weight W (d_out, d_in) and Gram matrix H = X^T X (d_in, d_in) of one linear layer.
 
     Optional statistics of the calibration inputs, used by some baselines: ``input_mean`` and
-    ``input_var`` (d_in,) per input channel, and ``n_tokens`` (rows of X behind H).
+    ``input_var`` (d_in,) per input channel, and ``n_tokens`` (rows of X behind H). Optional ``cross``
+    (d_in, d_in): K = X_p^T X_d, which makes the target the dense model's output (module docstring); solve
+    ``reduced()`` then.
     """
 
     weight: torch.Tensor
@@ -37,6 +49,7 @@ class LayerProblem:
     input_mean: torch.Tensor | None = None
     input_var: torch.Tensor | None = None
     n_tokens: int | None = None
+    cross: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         W, H = self.weight, self.gram
@@ -67,6 +80,38 @@ class LayerProblem:
                 raise ValueError(f"{name} is on {stat.device} but weight is on {W.device}.")
         if self.n_tokens is not None and (not isinstance(self.n_tokens, int) or self.n_tokens < 1):
             raise ValueError(f"n_tokens must be a positive integer; got {self.n_tokens!r}.")
+        K = self.cross
+        if K is not None:
+            if not isinstance(K, torch.Tensor) or tuple(K.shape) != (d_in, d_in):
+                raise ValueError(f"cross must be the ({d_in}, {d_in}) matrix X_p^T X_d; got {_describe(K)}.")
+            if K.dtype not in _GRAM_DTYPES or K.device != W.device:
+                raise ValueError(f"cross must be float32 or float64 on {W.device}, like gram; got {_describe(K)} "
+                                 f"on {K.device}.")
+            if not bool(torch.isfinite(K).all()):
+                raise ValueError("cross has non-finite entries (inf or nan); check the calibration inputs.")
+
+    def reduced(self, ridge: float = CROSS_RIDGE) -> LayerProblem:
+        """The problem without the cross term: target weights W* = W (K^T + lambda I) (H + lambda I)^-1 and the
+        same H, so that ||X_p (W_hat - W*)^T||^2 is the dense-target objective up to a constant. Without
+        ``cross``, the problem itself.
+
+        The ridge lambda = ``ridge`` * mean(diag H) is the minimiser's of the objective plus
+        lambda ||W_hat - W||^2: it keeps the solve defined when H is singular (fewer tokens than inputs, dead
+        channels), and where the inputs say nothing it pulls W* toward W, not toward 0 (without a cross term,
+        K = H, W* is exactly W).
+        """
+        if self.cross is None:
+            return self
+        H, K = self.gram.to(torch.float64), self.cross.to(torch.float64)
+        mean_diagonal = float(H.diagonal().mean())
+        lam = ridge * mean_diagonal if mean_diagonal > 0 else 1.0
+        eye = torch.eye(self.d_in, dtype=torch.float64, device=H.device)
+        W = self.weight.to(torch.float64)
+        # (H + lambda I) W*^T = (K + lambda I) W^T, H + lambda I symmetric positive definite: one Cholesky solve.
+        factor = torch.linalg.cholesky(H + lam * eye)
+        target = torch.cholesky_solve((K + lam * eye) @ W.T, factor).T  # (d_out, d_in)
+        return LayerProblem(weight=target.to(self.weight.dtype), gram=self.gram, input_mean=self.input_mean,
+                            input_var=self.input_var, n_tokens=self.n_tokens)
 
     @classmethod
     def from_inputs(cls, weight: torch.Tensor, inputs: torch.Tensor) -> LayerProblem:

@@ -206,7 +206,8 @@ def _run_link_locked(link: Link, model: PreparedModel, inputs: FileRecord, confi
     if link.action == "replay":
         cached = cached_result(cache_dir, link.key, BlockResult)
         if cached is not None and cached.weights.is_intact():
-            replayed = replay_block(cached, link.index, model, inputs, config.runtime, cache_dir)
+            replayed = replay_block(cached, link.index, model, inputs, config.runtime, cache_dir,
+                                    config.solver.targets)
             return replayed.model_copy(update={"cached": True})
         link = Link(link.key, "compute", link.index)  # its cached weights went missing since the plan: solve it
     state = cached_in(solve_block, cache_dir, link.refresh)(
@@ -221,10 +222,10 @@ def _run_link_locked(link: Link, model: PreparedModel, inputs: FileRecord, confi
 
 @task(name="replay-block", task_run_name="replay-block-{index:02d}", cache_policy=NO_CACHE)
 def replay_block(result: BlockResult, index: int, model: PreparedModel, inputs: FileRecord, runtime: RuntimeConfig,
-                 cache_dir: Path) -> BlockResult:
+                 cache_dir: Path, targets: str = "layer") -> BlockResult:
     """Rebuild an already solved block's outputs by running its cached pruned weights forward (no solve)."""
     _use_threads(runtime.threads)
-    return steps.replay_block(result, model, inputs, runtime, cache_dir)
+    return steps.replay_block(result, model, inputs, runtime, cache_dir, targets)
 
 
 def _rebuild_inputs(index: int, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],

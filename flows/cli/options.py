@@ -55,6 +55,10 @@ KeepEveryOption = Annotated[str, typer.Option(
 ActivationDtypeOption = Annotated[str, typer.Option(
     "--activation-dtype", help="Dtype the block inputs and outputs are stored and kept in: float32, bfloat16 or "
     "float16 (the block math and H stay float32/float64).")]
+TargetsOption = Annotated[str, typer.Option(
+    "--targets", help="What each pruned layer's output is fitted to: 'layer', the dense layer's output on the "
+    "pruned model's inputs; 'dense', the dense model's output, which also corrects the error of the layers "
+    "before it (twice the activations on disk).")]
 ResourceCheckOption = Annotated[bool, typer.Option(
     "--resource-check/--no-resource-check", help="Refuse a run whose plan (`alps plan`) does not fit this "
     "machine's free disk, RAM or device memory.")]

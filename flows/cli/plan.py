@@ -31,6 +31,7 @@ from .options import (
     NsamplesOption,
     OffloadActivationsOption,
     SeqlenOption,
+    TargetsOption,
     ThreadsOption,
 )
 from .prune import FLAGS
@@ -54,6 +55,7 @@ def plan_command(
     batch_size: BatchSizeOption = DEFAULT.runtime.batch_size,
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Plan for --true-sequential.")]
     = DEFAULT.solver.true_sequential,
+    targets: TargetsOption = DEFAULT.solver.targets,
     activation_dtype: ActivationDtypeOption = DEFAULT.calibration.activation_dtype,
     offload_activations: OffloadActivationsOption = DEFAULT.runtime.offload_activations,
     keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
@@ -85,7 +87,7 @@ def plan_command(
                            "give both rates to plan for another machine, or neither to measure this one")
     settings: dict[str, Any] = {
         "model": model,
-        "solver": {"method": method, "true_sequential": true_sequential,
+        "solver": {"method": method, "true_sequential": true_sequential, "targets": targets,
                    **({"pattern": pattern} if pattern is not None else {})},
         "calibration": {"nsamples": nsamples, "seqlen": seqlen, "activation_dtype": activation_dtype},
         "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "cache_dir": cache_dir,

@@ -31,6 +31,7 @@ from .options import (
     ResourceCheckOption,
     SeedOption,
     SeqlenOption,
+    TargetsOption,
     ThreadsOption,
     TrackingOption,
 )
@@ -44,7 +45,8 @@ EVALUATION = DEFAULT.evaluation
 FLAGS = {
     "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
     "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
-    "solver.gram_dtype": "--gram-dtype", "calibration.dataset": "--calib", "calibration.nsamples": "--nsamples",
+    "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets", "calibration.dataset": "--calib",
+    "calibration.nsamples": "--nsamples",
     "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "calibration.activation_dtype": "--activation-dtype", "runtime.keep_every": "--keep-every",
     "runtime.offload_activations": "--offload-activations", "runtime.device": "--device",
@@ -86,6 +88,7 @@ def prune_command(
     batch_size: BatchSizeOption = DEFAULT.runtime.batch_size,
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")]
     = DEFAULT.solver.gram_dtype,
+    targets: TargetsOption = DEFAULT.solver.targets,
     task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
                                              "dask or ray (Prefect task runners).")] = DEFAULT.runtime.task_runner,
     solve_workers: Annotated[str, typer.Option("--solve-workers", metavar="INTEGER", help="Layer solves at once "
@@ -132,7 +135,7 @@ def prune_command(
         "model": model,
         "solver": {"method": method, "method_config": method_overrides(config or [], [method]),
                    "true_sequential": true_sequential,
-                   "gram_dtype": gram_dtype,
+                   "gram_dtype": gram_dtype, "targets": targets,
                    **({"pattern": pattern} if pattern is not None else {}),
                    **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,

@@ -5,7 +5,8 @@ record every positional and keyword argument the model passes them: hidden state
 block keywords (position embeddings, masks, position ids) that are the same for every sample. Models that
 mix layer types (Gemma 2/3: sliding and full attention, each with its own mask and rotary table) give each
 type its own keywords, so the stem keeps one stand-in per type and the keywords are stored by type; every
-block later reads its own type's. Hidden states, all keywords and their layout go into one safetensors file.
+block later reads its own type's. Hidden states, all keywords and their layout go into one safetensors file;
+with dense targets, the dense model's hidden states at the same boundary go beside them (``dense``).
 
 Activations are stored in a chosen dtype (float32, or bfloat16/float16 to halve the disk and memory) and may
 stay in host memory while the block runs on a GPU (``offload``): every batch is moved to the block's device
@@ -39,6 +40,9 @@ class BlockInputs:
     keywords: dict[str, dict[str, Any]]  # by layer type: block keywords shared by every sample (batch dimension 1)
     device: torch.device  # where the block runs: batches are moved here
     layer_type: str = ALL_LAYERS  # whose keywords this block reads
+    # The dense model's hidden states at the same boundary, for dense targets (``SolverSpec.targets``); None where
+    # they are the hidden states themselves (the calibration inputs) or not kept (layer targets).
+    dense: torch.Tensor | None = None
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -59,6 +63,10 @@ class BlockInputs:
         for start in range(0, self.nsamples, batch_size):
             rows = slice(start, min(start + batch_size, self.nsamples))
             yield rows, self.hidden[rows].to(self.device, torch.float32)
+
+    def dense_view(self) -> BlockInputs:
+        """The dense model's inputs at this boundary, as block inputs of their own (same keywords)."""
+        return replace(self, hidden=self.hidden if self.dense is None else self.dense, dense=None)
 
 
 class StopForward(Exception):
@@ -175,11 +183,14 @@ def _decode(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
     return spec["value"]
 
 
-def save_block_inputs(path: Path, inputs: BlockInputs, hidden: torch.Tensor | None = None) -> None:
-    """Write hidden states (``inputs``' own, or ``hidden`` with its keywords) and every layer type's keywords
-    to ``path`` (callers write to a temporary name, then rename)."""
+def save_block_inputs(path: Path, inputs: BlockInputs, hidden: torch.Tensor | None = None,
+                      dense: torch.Tensor | None = None) -> None:
+    """Write hidden states (``inputs``' own, or ``hidden`` with its keywords), the dense model's (``dense``, if
+    given) and every layer type's keywords to ``path`` (callers write to a temporary name, then rename)."""
     states = inputs.hidden if hidden is None else hidden
     tensors: dict[str, torch.Tensor] = {"hidden": states.detach().to("cpu").contiguous()}
+    if dense is not None:
+        tensors["dense"] = dense.detach().to("cpu").contiguous()
     spec = {kind: {k: _encode(v, f"kw.{kind}.{k}", tensors) for k, v in kwargs.items()}
             for kind, kwargs in inputs.keywords.items()}
     save_file(tensors, str(path), metadata={"keywords": json.dumps(spec)})
@@ -191,11 +202,12 @@ def load_block_inputs(path: Path, device: torch.device, *, offload: bool = False
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         spec = json.loads(handle.metadata()["keywords"])
         tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    hidden = tensors.pop("hidden")
-    hidden = hidden if offload else hidden.to(device)
+    hidden, dense = tensors.pop("hidden"), tensors.pop("dense", None)
+    if not offload:
+        hidden, dense = hidden.to(device), None if dense is None else dense.to(device)
     tensors = {name: t.to(device) for name, t in tensors.items()}
     keywords = {kind: {k: _decode(v, tensors) for k, v in kwargs.items()} for kind, kwargs in spec.items()}
-    return BlockInputs(hidden=hidden, keywords=keywords, device=device)
+    return BlockInputs(hidden=hidden, keywords=keywords, device=device, dense=dense)
 
 
 @torch.inference_mode()

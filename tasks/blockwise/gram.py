@@ -3,7 +3,8 @@
 The linear layers of a block are found by running it: forward pre-hooks see each layer's input, and
 layers that read the very same input tensor (q/k/v, gate/up) form one group sharing one H. Each batch's
 X^T X is computed in the Gram dtype and summed in float64; methods that read them also get each input
-channel's mean and variance.
+channel's mean and variance. For dense targets each batch also runs through the dense block on the dense
+model's inputs, and the cross Gram K = X_p^T X_d of the two passes' layer inputs is summed beside H.
 """
 
 from __future__ import annotations
@@ -47,12 +48,16 @@ class _GramCollector:
         leaders = [group[0] for group in groups or () if group[0] in self.watch]
         self.stop_after = leaders[-1] if leaders else None
         self.stats: dict[str, dict[str, Any]] = {}
+        self.dense_inputs: dict[str, torch.Tensor] | None = None  # this batch's X_d per watched group (dense targets)
+        self.active = True  # off while the same block runs the dense pass
         self._last_input: torch.Tensor | None = None
         self._last_group = ""
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in self.linears.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.active:
+                return
             x = args[0]
             if self.discovering:
                 if name in self.group_of:
@@ -78,6 +83,11 @@ class _GramCollector:
             s = self.stats[name]
             # Each batch's X^T X in gram_dtype (fast), summed in float64 so thousands of batches don't drift.
             s["gram"] += gram_matrix(X.to(self.gram_dtype)).to(torch.float64)
+            if self.dense_inputs is not None:
+                X_d = self.dense_inputs[name]  # the same tokens through the dense model
+                if "cross" not in s:
+                    s["cross"] = torch.zeros_like(s["gram"])
+                s["cross"] += (X.to(self.gram_dtype).T @ X_d.to(self.gram_dtype)).to(torch.float64)
             if self.input_stats:
                 _add_batch_moments(s, X)
             s["n"] += X.shape[0]
@@ -106,7 +116,46 @@ class _GramCollector:
         stats = {}
         if self.input_stats:
             stats = {"input_mean": s["mean"].to(weight.device), "input_var": (s["m2"] / s["n"]).to(weight.device)}
-        return LayerProblem(weight=weight.to(torch.float32), gram=s["gram"], n_tokens=s["n"], **stats)
+        return LayerProblem(weight=weight.to(torch.float32), gram=s["gram"], n_tokens=s["n"], cross=s.get("cross"),
+                            **stats)
+
+
+class _DenseInputs:
+    """The dense model's inputs of the watched groups' layers, batch by batch: the dense block run on the dense
+    model's block inputs, stopped right after the last watched group's input. Its hooks act only during its own
+    pass, so the dense block may be the very block being pruned (while none of its layers is pruned yet)."""
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, leaders: Sequence[str]) -> None:
+        self.block, self.inputs = block, inputs
+        self.stop_after = leaders[-1]
+        self.captured: dict[str, torch.Tensor] = {}
+        self.active = False
+        modules = dict(block.named_modules())
+        self._handles = [modules[name].register_forward_pre_hook(self._hook(name)) for name in leaders]
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            if not self.active:
+                return
+            self.captured[name] = args[0].detach().reshape(-1, args[0].shape[-1])
+            if name == self.stop_after:
+                raise StopForward
+
+        return hook
+
+    def batch(self, rows: slice) -> dict[str, torch.Tensor]:
+        self.captured, self.active = {}, True
+        try:
+            self.block(self.inputs.hidden[rows].to(self.inputs.device, torch.float32), **self.inputs.kwargs)
+        except StopForward:
+            pass
+        finally:
+            self.active = False
+        return self.captured
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
@@ -125,8 +174,13 @@ def _add_batch_moments(stats: dict[str, Any], X: torch.Tensor) -> None:
 
 
 @torch.inference_mode()
-def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: _GramCollector) -> None:
-    for _, hidden in inputs.batches(batch_size):
+def _forward(block: nn.Module, inputs: BlockInputs, batch_size: int, collector: _GramCollector,
+             dense: _DenseInputs | None = None) -> None:
+    for rows, hidden in inputs.batches(batch_size):
+        if dense is not None:
+            collector.active = False
+            collector.dense_inputs = dense.batch(rows)
+            collector.active = True
         try:
             block(hidden, **inputs.kwargs)
         except StopForward:
@@ -154,19 +208,28 @@ def collect_layer_problems(
     gram_dtype: torch.dtype = torch.float32,
     groups: Sequence[Sequence[str]] | None = None,
     input_stats: bool = True,
+    dense_block: nn.Module | None = None,
 ) -> dict[str, LayerProblem]:
     """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of each named linear
     layer; layers reading the same input share one H. Keys follow ``names``. ``groups`` (from
     ``discover_groups``) saves discovering them again; ``input_stats=False`` leaves out the per-channel
-    input mean and variance (only methods like dsnot read them)."""
+    input mean and variance (only methods like dsnot read them). With ``dense_block`` (the block with its
+    dense weights: ``block`` itself while none of its layers is pruned) every problem also gets its cross Gram
+    with the dense model's inputs ``inputs.dense_view()``: dense targets."""
     groups = groups if groups is not None else discover_groups(block, inputs)
     leader = {name: group[0] for group in groups for name in group}
     unknown = sorted(set(names) - set(leader))
     if unknown:
         raise KeyError(f"no linear layers named {unknown} run in this block; it has {sorted(leader)}")
     collector = _GramCollector(block, gram_dtype, groups, watch=names, input_stats=input_stats)
+    dense = None
+    if dense_block is not None:
+        watched = [group[0] for group in groups if group[0] in collector.watch]
+        dense = _DenseInputs(dense_block, inputs.dense_view(), watched)
     try:
-        _forward(block, inputs, batch_size, collector)
+        _forward(block, inputs, batch_size, collector, dense)
     finally:
         collector.close()
+        if dense is not None:
+            dense.close()
     return {name: collector.problem(name) for name in names}

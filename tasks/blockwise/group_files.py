@@ -15,7 +15,7 @@ from alps_solver import LayerProblem
 
 __all__ = ["load_group", "save_group"]
 
-_SHARED_FIELDS = ("gram", "input_mean", "input_var")  # one per group: what its members' inputs determine
+_SHARED_FIELDS = ("gram", "input_mean", "input_var", "cross")  # one per group: what its members' inputs determine
 
 
 def save_group(problems: dict[str, LayerProblem], path: Path) -> None:

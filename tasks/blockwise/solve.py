@@ -5,11 +5,13 @@ so share one H (q/k/v, gate/up; ``solve_group``); a *stage* is the groups solved
 problems. By default a block is one stage: every layer sees the dense block's inputs (as SparseGPT and ALPS
 do). With ``true_sequential`` every group is its own stage, solved after the groups before it were pruned,
 on the inputs the pruned earlier groups produce. ``prune_linears`` runs the stages and writes the pruned
-weights into the block in place.
+weights into the block in place. With dense targets (``SolverSpec.targets``) every layer is fitted to the dense
+model's output instead of its own dense output: its problems carry the cross Gram with the dense model's inputs.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -50,6 +52,11 @@ def prune_linears(
     """
     groups = discover_groups(block, inputs)
     stages = [[group] for group in groups] if solver.true_sequential else [groups]
+    dense_block = None
+    if solver.targets == "dense":
+        # The dense layer inputs come from the dense block: the block itself in a single stage (nothing in it is
+        # pruned yet when its problems are collected), a dense copy when later stages run on a pruned part.
+        dense_block = copy.deepcopy(block) if len(stages) > 1 else block
     solve_stage = solve_stage or solve_in_process(solver)
     linears = dict(block.named_modules())
     group_of = {name: group[0] for group in groups for name in group}
@@ -58,7 +65,7 @@ def prune_linears(
         names = [name for group in stage for name in group]
         problems = collect_layer_problems(block, inputs, names, batch_size=batch_size,
                                           gram_dtype=getattr(torch, solver.gram_dtype), groups=groups,
-                                          input_stats=needs_input_stats(solver.method))
+                                          input_stats=needs_input_stats(solver.method), dense_block=dense_block)
         solved = solve_stage(problems, group_of)
         for name in names:
             report, weight = solved[name]

@@ -1,5 +1,6 @@
 """The steps a run repeats, from files to files: capture the calibration inputs of block 0; solve one block
-(load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both); and
+(load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both; with
+dense targets the dense block also runs on the dense model's inputs, and the next inputs carry both); and
 replay one already solved block (run its saved, pruned weights forward to rebuild the next block's inputs,
 solving nothing).
 
@@ -72,6 +73,7 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     if target.type == "cuda":
         torch.cuda.reset_peak_memory_stats(target)
     block, block_inputs, prefix = _load_block(model, index, inputs, runtime, target)
+    dense_outputs = _dense_outputs(block, block_inputs, solver.targets, runtime.batch_size)  # before any pruning
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage)
 
     stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
@@ -83,15 +85,16 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     weights = atomic_write(Path(cache_dir) / BLOCKS / f"{key}.safetensors",
                            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     next_inputs = atomic_write(activation_path(cache_dir, key),
-                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs))
+                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs, dense=dense_outputs))
     return BlockResult(key=key, index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
                        layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(target))
 
 
 def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, runtime: RuntimeConfig,
-                 cache_dir: Path) -> BlockResult:
+                 cache_dir: Path, targets: str = "layer") -> BlockResult:
     """Rebuild the outputs of an already solved block (``result``, from the cache) by running its saved pruned
-    weights forward on its inputs; nothing is solved. The outputs are bit-identical to the ones the solve
+    weights forward on its inputs (and, for dense ``targets``, its dense weights on the dense inputs); nothing
+    is solved. The outputs are bit-identical to the ones the solve
     wrote when the device and batch size are the same (else equal up to float rounding)."""
     if not inputs.is_intact():
         raise StaleInputs(f"block {result.index}: input activations {inputs.path} are missing or damaged")
@@ -100,11 +103,12 @@ def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, 
     started = time.perf_counter()
     target = resolve_device(runtime.device)
     block, block_inputs, prefix = _load_block(model, result.index, inputs, runtime, target)
+    dense_outputs = _dense_outputs(block, block_inputs, targets, runtime.batch_size)  # the block is still dense
     with safe_open(str(result.weights.path), framework="pt") as handle:
         block.load_state_dict({name[len(prefix):]: handle.get_tensor(name) for name in handle.keys()})
     outputs = run_block(block, block_inputs, runtime.batch_size)
     next_inputs = atomic_write(activation_path(cache_dir, result.key),
-                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs))
+                               lambda p: save_block_inputs(p, block_inputs, hidden=outputs, dense=dense_outputs))
     rebuilt = FileRecord.of(next_inputs)
     # Another device or batch size changes the outputs in float rounding: the cached record then no longer
     # matches them, and a later run replays this block again rather than trust a file it cannot check.
@@ -123,6 +127,14 @@ def _load_block(model: PreparedModel, index: int, inputs: FileRecord, runtime: R
     block_inputs = load_block_inputs(inputs.path, target, offload=runtime.offload_activations)
     prefix = adapter_for(config).block_prefix(index)
     return block, block_inputs.for_layer_type(block_layer_type(config, index)), prefix
+
+
+def _dense_outputs(block: torch.nn.Module, inputs: BlockInputs, targets: str, batch_size: int) -> torch.Tensor | None:
+    """For dense targets, the dense block's outputs on the dense model's inputs: the next boundary's dense
+    hidden states (run while ``block`` still holds its dense weights); None for layer targets."""
+    if targets != "dense":
+        return None
+    return run_block(block, inputs.dense_view(), batch_size)
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:

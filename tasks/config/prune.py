@@ -2,7 +2,8 @@
 
     PruneConfig
       model         what to prune: a bundled name, a local folder, a .gguf file or a hub id
-      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype (the solved weights)
+      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets (the solved
+                    weights)
       calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
       runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
       output        OutputConfig: the pruned folder, the MLflow experiment it is tracked in, and whether
@@ -33,6 +34,7 @@ from pydantic import (
 )
 
 from alps_solver import SparsityPattern, make_config, method_names
+from alps_solver.methods import reads_inputs
 
 from ..common.files import cache_root
 from . import fields
@@ -72,6 +74,11 @@ class SolverOptions(_Settings):
                                   "before it produce")
     gram_dtype: Literal["float32", "float64"] = Field("float32", description="dtype of each batch's X^T X "
                                                       "(summed in float64 either way)")
+    targets: Literal["layer", "dense"] = Field("layer", description="what each layer's pruned output is fitted "
+                                               "to: 'layer', the dense layer's output on the pruned model's inputs "
+                                               "(SparseGPT, ALPS); 'dense', the dense model's output, which also "
+                                               "corrects the error of the blocks and layers before it (twice the "
+                                               "activations on disk)")
 
 
 class SolverSpec(SolverOptions):
@@ -83,8 +90,12 @@ class SolverSpec(SolverOptions):
 
     @field_validator("method")
     @classmethod
-    def _known_method(cls, value: str) -> str:
+    def _known_method(cls, value: str, info: ValidationInfo) -> str:
         make_config(value)  # the solver's own check: an unknown method raises ValueError listing the known ones
+        if info.data.get("targets") == "dense" and not reads_inputs(value):  # targets is validated first
+            raise ValueError(f"{value} sees the weights alone, and dense targets need a method that reads the "
+                             "calibration inputs: use another method (alps, sparsegpt, wanda, ...), or targets "
+                             "'layer'")
         return value
 
     @model_validator(mode="after")

@@ -3,12 +3,14 @@
 Every figure is a sum of named terms over the model's shapes (``tasks.planning.shapes``) and the run's settings,
 written beside the code that allocates them:
 
-- a *boundary* is one block's inputs or outputs: nsamples x seqlen x hidden in the activation dtype. The cache
+- a *boundary* is one block's inputs or outputs: nsamples x seqlen x hidden in the activation dtype (twice that
+  with dense targets, which keep the dense model's hidden states beside the pruned model's). The cache
   folder holds the calibration inputs, the current block's inputs and outputs and any kept boundaries
   (``tasks.blockwise.chain``), plus the pruned weights of the blocks done so far (the save copies them into
   the output);
 - a block solve holds the block in float32, its inputs (and then its outputs) unless they are offloaded to the
-  host, H in float64 for every group of the stage, and the largest layer's solver workspace;
+  host, H in float64 for every group of the stage (and the cross Gram beside it with dense targets), and the
+  largest layer's solver workspace;
 - time is flops over the measured matmul rate (forwards, X^T X, the solver's iterations) plus ALPS's float64
   eigendecompositions at the measured eigh rate. ALPS's iteration count depends on the problem; the plan uses
   the counts typical of the bundled model's layers (stated below), so its times are estimates.
@@ -122,7 +124,9 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     runtime, solver = config.runtime, config.solver
     tokens = config.calibration.nsamples * seqlen
     batch_tokens = min(runtime.batch_size, config.calibration.nsamples) * seqlen
-    boundary = tokens * shape.hidden * getattr(torch, config.calibration.activation_dtype).itemsize
+    stream = tokens * shape.hidden * getattr(torch, config.calibration.activation_dtype).itemsize
+    dense_targets = solver.targets == "dense"
+    boundary = 2 * stream if dense_targets else stream  # the calibration inputs are one stream either way
     on_gpu = device == "cuda"
     offloaded = runtime.offload_activations or not on_gpu  # on a CPU run the host is the device
 
@@ -145,15 +149,15 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     # Calibration: the stem in float32 (embeddings, norm, lm_head and one placeholder block per layer type),
     # the stored tensors it is read from, and the captured hidden states (twice while they are concatenated).
     stem32 = (shape.stem_params + shape.kinds * shape.block_params) * 4
-    calibration_host = baseline + stem32 + shape.stem_params * shape.checkpoint_bytes + 2 * boundary
+    calibration_host = baseline + stem32 + shape.stem_params * shape.checkpoint_bytes + 2 * stream
     calibration = PhaseEstimate(
-        "calibration", disk=boundary, host=calibration_host,
+        "calibration", disk=stream, host=calibration_host,
         device=(stem32 + batch_activations) if on_gpu else calibration_host,
         seconds=shape.stem_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND,
         detail=f"{config.calibration.nsamples} x {seqlen} tokens through the stem")
 
     # A block: H for each group solved in one stage (all of them by default), the largest solver workspace.
-    grams = [8.0 * d * d for d in shape.groups.values()]
+    grams = [(16.0 if dense_targets else 8.0) * d * d for d in shape.groups.values()]  # H (and K) in float64
     held_grams = max(grams) if solver.true_sequential else sum(grams)
     workspace = max(_workspace(solver.method, layer.d_out, layer.d_in) for layer in shape.linears)
     block32 = shape.block_params * 4
@@ -212,8 +216,12 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
     # Forwards: the Gram collection (one pass, or one partial pass per group with true_sequential) and the
     # outputs. Each is 2 flops per weight per token plus causal attention (2 x seqlen x width per token).
     passes = (groups + 1) / 2 + 1 if solver.true_sequential else 2
+    if solver.targets == "dense":  # the dense block on the dense inputs: beside the collection, and for its outputs
+        passes *= 2
     forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
     flops = passes * forward + sum(gram_matrix_flops(tokens, d) for d in shape.groups.values())
+    if solver.targets == "dense":
+        flops += sum(2.0 * tokens * d * d for d in shape.groups.values())  # the cross Gram X_p^T X_d, full
     eigh = 0.0
     method = solver.method
     for layer in shape.linears:

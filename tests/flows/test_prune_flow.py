@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,7 +64,8 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
 
 # Where each setting a test names lives in the nested PruneConfig.
 _SECTIONS = {"method": "solver", "pattern": "solver", "method_config": "solver", "true_sequential": "solver",
-             "gram_dtype": "solver", "calibration": ("calibration", "dataset"), "nsamples": "calibration",
+             "gram_dtype": "solver", "targets": "solver", "calibration": ("calibration", "dataset"),
+             "nsamples": "calibration",
              "seqlen": "calibration", "seed": "calibration", "device": "runtime", "threads": "runtime",
              "batch_size": "runtime", "task_runner": "runtime", "solve_workers": "runtime",
              "runner_address": "runtime", "cache_dir": "runtime", "data_dir": "runtime",
@@ -214,6 +216,24 @@ def _watch_scratch(monkeypatch, cache: Path) -> list[dict[str, int]]:
     return seen
 
 
+@contextlib.contextmanager
+def _solving_stops_at(monkeypatch, stop: int):
+    """A run inside fails when it comes to solve block ``stop``; solving works again afterwards."""
+    import tasks.blockwise.steps as steps
+
+    solve = steps.solve_block
+
+    def stopping(key, index, *args, **kwargs):
+        if index == stop:
+            raise RuntimeError(f"stopped at block {stop}")
+        return solve(key, index, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(steps, "solve_block", stopping)
+        with pytest.raises(RuntimeError, match=f"block {stop}"):
+            yield
+
+
 def _record_calls(monkeypatch) -> dict[str, list[int]]:
     """The blocks each run solves and replays."""
     import tasks.blockwise.steps as steps
@@ -247,19 +267,9 @@ def test_scratch_is_bounded_and_a_resume_replays_from_the_nearest_kept_boundary(
     assert [len(files) for files in seen] == [2, 3, 3, 3, 3, 3]  # does not grow with depth
     assert not list((tmp_path / "reference" / "cache" / "activations").glob("*.safetensors"))  # released at the end
 
-    import tasks.blockwise.steps as steps
-
     cache = tmp_path / "cache"
     seen = _watch_scratch(monkeypatch, cache)
-    solve = steps.solve_block
-
-    def stopped_at_4(key, index, *args, **kwargs):
-        if index == 4:
-            raise RuntimeError("stopped at block 4")
-        return solve(key, index, *args, **kwargs)
-
-    monkeypatch.setattr(steps, "solve_block", stopped_at_4)
-    with pytest.raises(RuntimeError, match="block 4"):
+    with _solving_stops_at(monkeypatch, 4):
         prune_model(config_for(model_dir, tmp_path, keep_every=2))
     # Calibration inputs, current inputs and outputs, and boundary 2 (the inputs of block 2) kept from block 3 on.
     assert [len(files) for files in seen] == [2, 3, 3, 4]
@@ -267,7 +277,6 @@ def test_scratch_is_bounded_and_a_resume_replays_from_the_nearest_kept_boundary(
     assert len(left) == 3
     left[-1].unlink()  # the inputs of block 4 are lost too: they must come from boundary 2, two blocks back
 
-    monkeypatch.setattr(steps, "solve_block", solve)
     calls = _record_calls(monkeypatch)
     resumed = prune_model(config_for(model_dir, tmp_path, keep_every=2))
     assert calls == {"solved": [4, 5], "replayed": [2, 3]}
@@ -278,6 +287,44 @@ def test_scratch_is_bounded_and_a_resume_replays_from_the_nearest_kept_boundary(
     assert sorted(p.name for p in resumed.output.glob("*.safetensors")) == \
         sorted(p.name for p in model_dir.glob("*.safetensors"))
     assert (resumed.output / "model.safetensors.index.json").is_file()
+
+
+def _final_hidden(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    with torch.no_grad():
+        return model(tokens, output_hidden_states=True).hidden_states[-1]
+
+
+def test_dense_targets_bring_the_model_closer_to_the_dense_one_and_resume_bit_identical(prefect_harness, tokenizer,
+                                                                                       tmp_path, monkeypatch):
+    """Dense targets fit every layer to the dense model's outputs on the calibration windows: the pruned model's
+    last hidden states there are closer to the dense model's than with layer targets, at the same sparsity. A
+    run stopped midway whose inputs are gone resumes by replaying both streams (pruned and dense), bit for bit."""
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=4)
+    settings = dict(nsamples=8, pattern="0.7")
+    layer = prune_model(config_for(model_dir, tmp_path / "layer", **settings))
+    dense = prune_model(config_for(model_dir, tmp_path / "dense", targets="dense", **settings))
+    assert dense.report.to_json()["config"]["solver"]["targets"] == "dense"
+    tokens = calibration_windows("pydoc", tokenizer, nsamples=8, seqlen=32, seed=0)
+    reference = _final_hidden(model_dir, tokens)
+    errors = {name: float((_final_hidden(run.output, tokens) - reference).square().sum() / reference.square().sum())
+              for name, run in (("layer", layer), ("dense", dense))}
+    assert errors["dense"] < 0.9 * errors["layer"], errors
+    for name, tensor in tensors_of(dense.output).items():
+        if is_block_linear(name):
+            assert int((tensor != 0).sum()) == SparsityPattern.parse("0.7").kept_count(*tensor.shape), name
+
+    with _solving_stops_at(monkeypatch, 2):
+        prune_model(config_for(model_dir, tmp_path, targets="dense", **settings))
+    newest = max((tmp_path / "cache" / "activations").glob("*.safetensors"), key=lambda p: p.stat().st_mtime_ns)
+    with safe_open(str(newest), framework="pt") as handle:
+        assert {"hidden", "dense"} <= set(handle.keys())  # a boundary after block 0 carries both streams
+    newest.unlink()
+    calls = _record_calls(monkeypatch)
+    resumed = prune_model(config_for(model_dir, tmp_path, targets="dense", **settings))
+    assert calls == {"solved": [2, 3], "replayed": [0, 1]}
+    want, got = tensors_of(dense.output), tensors_of(resumed.output)
+    assert all(torch.equal(got[n], want[n]) for n in want)
 
 
 def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefect_harness, tokenizer, tmp_path):

@@ -87,6 +87,8 @@ CASES = [
     ("prune", ["--config", "noequals"], "--config", "noequals", "key=value"),
     ("prune", ["--gram-dtype", "float16"], "--gram-dtype", "float16", "'float32' or 'float64'"),
     ("prune", ["--gram-dtype", "x"], "--gram-dtype", "x", "'float32' or 'float64'"),
+    ("prune", ["--targets", "teacher"], "--targets", "teacher", "'layer' or 'dense'"),
+    ("prune", ["--targets", "dense", "--method", "magnitude"], "--method", "magnitude", "sees the weights alone"),
     ("prune", ["--calib", "nope"], "--calib", "nope", "not a data set"),
     ("prune", ["--calib", "piqa"], "--calib", "piqa", "no training split"),
     ("prune", ["--nsamples", "0"], "--nsamples", "0", "1 or more"),

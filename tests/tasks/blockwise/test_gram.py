@@ -3,6 +3,9 @@ recorded inputs, on tiny random LLaMA and OPT blocks."""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -104,6 +107,32 @@ def test_without_input_stats_the_same_problems_carry_no_mean_or_variance(block_a
         assert lean[name].input_mean is None and lean[name].input_var is None
         assert torch.equal(lean[name].gram, full[name].gram)
         assert lean[name].n_tokens == full[name].n_tokens
+
+
+def test_dense_targets_collect_the_cross_gram_of_pruned_and_dense_inputs(block_and_inputs):
+    """Block inputs whose dense-model hidden states differ from the pruned model's: every problem's cross Gram
+    is X_p^T X_d of the layer inputs recorded from the two forwards, beside the same H as without them; with a
+    pruned block the dense inputs come from the dense block handed in."""
+    block, inputs = block_and_inputs
+    drifted = replace(inputs, dense=inputs.hidden.clone(),
+                      hidden=inputs.hidden + 0.1 * torch.randn(inputs.hidden.shape, generator=torch.Generator()
+                                                               .manual_seed(3)))
+    groups = discover_groups(block, inputs)
+    names = [n for g in groups for n in g]
+    dense_block = copy.deepcopy(block)
+    pruned = copy.deepcopy(block)
+    for module in pruned.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.data[:, ::2] = 0.0  # a partly pruned block: its layer inputs differ from the dense one's
+    for current in (block, pruned):
+        problems = collect_layer_problems(current, drifted, names, batch_size=2, gram_dtype=torch.float64,
+                                          groups=groups, dense_block=dense_block)
+        plain = collect_layer_problems(current, drifted, names, batch_size=2, gram_dtype=torch.float64, groups=groups)
+        X_p, X_d = recorded_inputs(current, drifted), recorded_inputs(dense_block, drifted.dense_view())
+        for name in names:
+            assert torch.allclose(problems[name].cross, X_p[name].T @ X_d[name], rtol=1e-9, atol=1e-9), name
+            assert torch.equal(problems[name].gram, plain[name].gram) and plain[name].cross is None
+            assert not torch.allclose(problems[name].cross, problems[name].gram, rtol=1e-3)
 
 
 @pytest.mark.parametrize("method", method_names())
