@@ -123,7 +123,9 @@ class SparsityPattern:
         if self.kind is PatternKind.N_M:
             return f"{self.n}:{self.m}"
         prefix = {PatternKind.UNSTRUCTURED: "", PatternKind.PER_ROW: "rows:", PatternKind.INPUT_CHANNELS: "channels:"}
-        return f"{prefix[self.kind]}{self.sparsity:g}"
+        # The shortest text that parses back to the same float: an allocated sparsity (a whole number of weights
+        # over the layer's size) survives the round trip through files and task parameters exactly.
+        return f"{prefix[self.kind]}{self.sparsity!r}"
 
     # ----------------------------------------------------------------------------------- shape logic
     def validate_shape(self, d_out: int, d_in: int) -> None:

@@ -13,6 +13,7 @@ from tasks.evaluation.summary import save_evaluation
 from tasks.orchestration import flow
 from tasks.prune import (
     BlockProgress,
+    allocate,
     calibrate,
     check_resources,
     plan_run,
@@ -52,12 +53,13 @@ def _prune(config: PruneConfig, parent_run_id: str | None) -> PruneResult:
     with tracking.tracked_run(None, tracking.prune_run_name(settings), tags, config.output.experiment,
                               config.output.tracking) as run_id:
         calibration = calibrate(chain.calibration, model, config, chain.seqlen)
+        allocation = allocate(chain, model, calibration, config)  # each layer's sparsity; None: uniform
         blocks, progress = [], BlockProgress(len(chain.blocks))
         for link in chain.blocks:  # each on the outputs of the blocks before it
-            blocks.append(solve_block_link(link, model, calibration, blocks, config))
+            blocks.append(solve_block_link(link, model, calibration, blocks, config, allocation))
             release_superseded(blocks, config.runtime)  # scratch holds a few boundaries, not one per block
             progress.advance()
-        report = build_report(model, config, calibration, blocks)
+        report = build_report(model, config, calibration, blocks, allocation)
         output = save_pruned_model(model, blocks, config, report)
         if not config.runtime.keep_activations:
             released = [block.outputs for block in blocks]

@@ -25,9 +25,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from alps_solver import LayerProblem
+from alps_solver import LayerProblem, SparsityPattern
 
 from .blockwise import steps
+from .blockwise.allocation import Allocation, allocate_sparsity, measure_outliers
 from .blockwise.chain import BlockChain, Link, is_kept, plan_chain, run_keys
 from .blockwise.export import release_activations as delete_activations
 from .blockwise.export import saved_earlier, write_pruned_model
@@ -50,6 +51,7 @@ from .planning.estimate import ResourcePlan
 
 __all__ = [
     "BlockProgress",
+    "allocate",
     "calibrate",
     "check_resources",
     "plan_run",
@@ -131,17 +133,59 @@ def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int
             key=link.key, model=model, config=config, seqlen=seqlen, cache_dir=cache_dir)
 
 
+# ------------------------------------------------------------------------------------------ allocation
+@task(name="allocate-sparsity", persist_result=True, cache_key_fn=key_parameter)
+def measure_allocation(key: str, model: PreparedModel, calibration: CalibrationResult,
+                       config: PruneConfig) -> Allocation:
+    """The sparsity allocation: the dense model run over the calibration inputs for the blocks' outlier ratios,
+    then every layer's sparsity."""
+    _use_threads(config.runtime.threads)
+    started = time.perf_counter()
+    spec, runtime = config.solver.allocation, config.runtime
+
+    def progress(index: int, seconds: float) -> None:
+        run_logger(logger).info("allocation: block %02d measured in %.1f s", index, seconds)
+
+    outliers = measure_outliers(model, calibration.inputs, spec, device=runtime.device,
+                                batch_size=runtime.batch_size, offload=runtime.offload_activations, progress=progress)
+    allocation = allocate_sparsity(key, spec, config.solver.pattern.sparsity, outliers)
+    allocation = allocation.model_copy(update={"seconds": time.perf_counter() - started})
+    spread = allocation.block_sparsity
+    run_logger(logger).info("allocation %s: block sparsities %.3f to %.3f, overall %.6f (target %s), in %.1f s",
+                            spec.method, min(spread), max(spread), allocation.achieved, config.solver.pattern,
+                            allocation.seconds)
+    return allocation
+
+
+def allocate(chain: BlockChain, model: PreparedModel, calibration: CalibrationResult,
+             config: PruneConfig) -> Allocation | None:
+    """The run's sparsity allocation, from the cache or measured now (None: uniform, every layer gets the
+    pattern). Measuring needs the calibration inputs: captured again if a finished run released them."""
+    if chain.allocation is None:
+        return None
+    cache_dir = config.runtime.resolved_cache_dir()
+    with entry_lock(cache_dir, chain.allocation, "allocation", run_logger(logger)):
+        cached = cached_result(cache_dir, chain.allocation, Allocation)
+        if cached is not None:
+            return cached
+        if not calibration.inputs.is_intact():
+            calibration = calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen)
+        return cached_in(measure_allocation, cache_dir, False)(key=chain.allocation, model=model,
+                                                               calibration=calibration, config=config)
+
+
 # ------------------------------------------------------------------------------------------ blocks
 @task(name="solve-block", task_run_name="solve-block-{index:02d}", persist_result=True, cache_key_fn=key_parameter)
 def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, solver: SolverSpec,
-                runtime: RuntimeConfig, cache_dir: Path) -> BlockResult:
-    """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs."""
+                runtime: RuntimeConfig, cache_dir: Path, sparsities: dict[str, float] | None = None) -> BlockResult:
+    """Prune block ``index`` on its calibration inputs (to its allocated layer ``sparsities``, if any); save its
+    tensors and the next block's inputs."""
     _use_threads(runtime.threads)
     solve_stage = None
     if runtime.solve_workers > 1 or runtime.task_runner != "threads":
         # The runner only changes where the solves run, not their results: it is not part of the key.
         solve_stage = _solve_on_runner(Path(cache_dir) / "layers" / key, solver, runtime)
-    result = steps.solve_block(key, index, model, inputs, solver, runtime, cache_dir, solve_stage)
+    result = steps.solve_block(key, index, model, inputs, solver, runtime, cache_dir, solve_stage, sparsities)
     run_logger(logger).info("block %02d: mean error %.5f, iterations %d, %.1f s, peak memory %.0f MB", index,
                             result.mean_rel_error, sum(layer.iterations for layer in result.layers), result.seconds,
                             max(result.memory.values()))
@@ -149,21 +193,24 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
 
 
 def solve_block_link(link: Link, model: PreparedModel, calibration: CalibrationResult, blocks: list[BlockResult],
-                     config: PruneConfig) -> BlockResult:
+                     config: PruneConfig, allocation: Allocation | None = None) -> BlockResult:
     """Block ``link.index`` from the cache, replayed, or solved on its inputs: the outputs of the last of
-    ``blocks`` (the blocks before it, in order), or the calibration inputs for block 0.
+    ``blocks`` (the blocks before it, in order), or the calibration inputs for block 0; solved to its layer
+    sparsities in ``allocation`` when there is one.
 
     The chain was planned so that those inputs exist. If they vanished since (another run on the same cache
     folder released them), they are rebuilt by replaying the blocks before it from the last inputs still
     intact; the replays write the same files, since every step is deterministic.
     """
     inputs = blocks[-1].outputs if blocks else calibration.inputs
+    sparsities = allocation.layers[link.index] if allocation is not None else None
     try:
-        return _run_link(link, model, inputs, config)
+        return _run_link(link, model, inputs, config, sparsities)
     except StaleInputs:
         run_logger(logger).warning("block %02d: its inputs vanished after the run was planned; replaying the "
                                    "blocks before it", link.index)
-    return _run_link(link, model, _rebuild_inputs(link.index, model, calibration, blocks, config), config)
+    return _run_link(link, model, _rebuild_inputs(link.index, model, calibration, blocks, config), config,
+                     sparsities)
 
 
 def release_superseded(blocks: list[BlockResult], runtime: RuntimeConfig) -> None:
@@ -178,12 +225,13 @@ def _outlives_its_block(boundary: int, runtime: RuntimeConfig) -> bool:
     return runtime.keep_activations or is_kept(boundary, runtime.keep_every)
 
 
-def _run_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig) -> BlockResult:
+def _run_link(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig,
+              sparsities: dict[str, float] | None = None) -> BlockResult:
     """Run one link of the chain, holding its cache entry against other runs on the same cache folder: a run
     that waited for another finds the block that run cached, and reuses it."""
     cache_dir = config.runtime.resolved_cache_dir()
     with entry_lock(cache_dir, link.key, f"block {link.index:02d}", run_logger(logger)):
-        return _run_link_locked(link, model, inputs, config, cache_dir)
+        return _run_link_locked(link, model, inputs, config, cache_dir, sparsities)
 
 
 def _made_meanwhile(link: Link, cache_dir: Path) -> Link:
@@ -201,7 +249,7 @@ def _made_meanwhile(link: Link, cache_dir: Path) -> Link:
 
 
 def _run_link_locked(link: Link, model: PreparedModel, inputs: FileRecord, config: PruneConfig,
-                     cache_dir: Path) -> BlockResult:
+                     cache_dir: Path, sparsities: dict[str, float] | None) -> BlockResult:
     link = _made_meanwhile(link, cache_dir)
     if link.action == "replay":
         cached = cached_result(cache_dir, link.key, BlockResult)
@@ -212,7 +260,7 @@ def _run_link_locked(link: Link, model: PreparedModel, inputs: FileRecord, confi
         link = Link(link.key, "compute", link.index)  # its cached weights went missing since the plan: solve it
     state = cached_in(solve_block, cache_dir, link.refresh)(
         key=link.key, index=link.index, model=model, inputs=inputs, solver=config.solver, runtime=config.runtime,
-        cache_dir=cache_dir, return_state=True)
+        cache_dir=cache_dir, sparsities=sparsities, return_state=True)
     result = state.result()  # raises the task's exception
     cached = state.name == "Cached"
     if cached:
@@ -335,13 +383,14 @@ def worker_devices(device: torch.device) -> list[torch.device]:
 
 @task(name="solve-from-file", task_run_name="solve-{unit}", cache_policy=NO_CACHE)
 def solve_from_file(unit: str, group: str, names: list[str], problem_path: Path, work: Path, solver: SolverSpec,
-                 device: str, threads: int | None = None) -> list[LayerReport]:
+                    patterns: dict[str, str], device: str, threads: int | None = None) -> list[LayerReport]:
     """Solve layers of ``group`` (``unit``: the group, or the one layer of it this task solves) from their
-    file, in ``names`` order, sharing what is derived from their H; write each pruned weight to
-    ``work/<name>.solution.safetensors``."""
+    file, in ``names`` order, each to its pattern (text form), sharing what is derived from their H; write each
+    pruned weight to ``work/<name>.solution.safetensors``."""
     _use_threads(threads)
     problems = load_group(problem_path, torch.device(device))
-    solved = solve_group(group, {n: problems[n] for n in names}, solver)
+    solved = solve_group(group, {n: problems[n] for n in names}, solver,
+                         {n: SparsityPattern.parse(patterns[n]) for n in names})
     for name, (_, weight) in solved.items():
         save_file({"weight": weight.contiguous().cpu()}, str(work / f"{name}.solution.safetensors"))
     return [report for report, _ in solved.values()]
@@ -354,7 +403,8 @@ def _solve_on_runner(work: Path, solver: SolverSpec, runtime: RuntimeConfig) -> 
     devices = worker_devices(resolve_device(runtime.device))
     threads, workers = threads_per_worker(runtime), runtime.solve_workers
 
-    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
+    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str],
+                  patterns: dict[str, SparsityPattern]) -> dict[str, Solved]:
         work.mkdir(parents=True, exist_ok=True)
         units = [(group, group, members) for group, members in by_group(problems, group_of).items()]
         if len(units) < workers:
@@ -373,7 +423,8 @@ def _solve_on_runner(work: Path, solver: SolverSpec, runtime: RuntimeConfig) -> 
                     save_group({n: problems[n] for n in members}, problem_path)
                     futures.append(runner.submit(solve_from_file, parameters={
                         "unit": unit, "group": group, "names": members, "problem_path": problem_path, "work": work,
-                        "solver": solver, "device": str(devices[position % len(devices)]), "threads": threads,
+                        "solver": solver, "patterns": {n: str(patterns[n]) for n in members},
+                        "device": str(devices[position % len(devices)]), "threads": threads,
                     }))
                 reports = {report.name: report for future in futures for report in future.result()}
             solved = {}

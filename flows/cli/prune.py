@@ -41,11 +41,15 @@ __all__ = ["FLAGS", "prune_command"]
 
 DEFAULT = PruneConfig()
 EVALUATION = DEFAULT.evaluation
+ALLOCATION = DEFAULT.solver.allocation
 # Where each field of PruneConfig is set on the command line (errors name the flag the user typed).
 FLAGS = {
     "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
     "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
-    "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets", "calibration.dataset": "--calib",
+    "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets", "solver.allocation": "--allocation",
+    "solver.allocation.method": "--allocation", "solver.allocation.spread": "--allocation-spread",
+    "solver.allocation.outlier_threshold": "--owl-threshold", "solver.allocation.min_sparsity": "--sparsity-bounds",
+    "solver.allocation.max_sparsity": "--sparsity-bounds", "calibration.dataset": "--calib",
     "calibration.nsamples": "--nsamples",
     "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "calibration.activation_dtype": "--activation-dtype", "runtime.keep_every": "--keep-every",
@@ -89,6 +93,20 @@ def prune_command(
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")]
     = DEFAULT.solver.gram_dtype,
     targets: TargetsOption = DEFAULT.solver.targets,
+    allocation: Annotated[str, typer.Option("--allocation", help="How the sparsity is spread over the blocks: "
+                                            "uniform, or owl (blocks with more outlier weights keep more; the "
+                                            "overall sparsity stays the target).")] = ALLOCATION.method,
+    allocation_spread: Annotated[str, typer.Option("--allocation-spread", metavar="FLOAT", help="OWL's lambda: "
+                                                   "block sparsities within about this much of the target.")]
+    = ALLOCATION.spread,
+    owl_threshold: Annotated[str, typer.Option("--owl-threshold", metavar="FLOAT", help="OWL's M: outliers are "
+                                               "scores |W| ||x|| above M times their block's mean.")]
+    = ALLOCATION.outlier_threshold,
+    sparsity_bounds: Annotated[Optional[str], typer.Option("--sparsity-bounds", metavar="LOW,HIGH", help="The "
+                                                           "least and most sparsity an allocation may give a layer "
+                                                           f"(default {ALLOCATION.min_sparsity},"
+                                                           f"{ALLOCATION.max_sparsity}).", show_default=False)]
+    = None,
     task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
                                              "dask or ray (Prefect task runners).")] = DEFAULT.runtime.task_runner,
     solve_workers: Annotated[str, typer.Option("--solve-workers", metavar="INTEGER", help="Layer solves at once "
@@ -136,6 +154,8 @@ def prune_command(
         "solver": {"method": method, "method_config": method_overrides(config or [], [method]),
                    "true_sequential": true_sequential,
                    "gram_dtype": gram_dtype, "targets": targets,
+                   "allocation": {"method": allocation, "spread": allocation_spread,
+                                  "outlier_threshold": owl_threshold, **_bounds(sparsity_bounds)},
                    **({"pattern": pattern} if pattern is not None else {}),
                    **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
@@ -157,6 +177,17 @@ def prune_command(
     result = run_flow(prune_model, run)
     print_result(result)
     report_tracking(run.output.tracking, result.tracking_problem)
+
+
+def _bounds(text: str | None) -> dict[str, str]:
+    """``--sparsity-bounds LOW,HIGH`` as the allocation's fields (their ranges are the config's to check)."""
+    if text is None:
+        return {}
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise SettingError("--sparsity-bounds", text, "not two numbers", "give the least and most sparsity of a "
+                           "layer as LOW,HIGH, e.g. --sparsity-bounds 0.5,0.9")
+    return {"min_sparsity": parts[0], "max_sparsity": parts[1]}
 
 
 def _fraction(sparsity: str) -> float:

@@ -5,8 +5,10 @@ Each link's cache key hashes everything upstream of it, so a key names one exact
 
     calibration = (pipeline version, model fingerprint, calibration settings with the seqlen used, the hash of
                    the calibration text)
+    allocation  = (pipeline version, the calibration's key, the allocation settings, the pattern), when the
+                   sparsity is not spread uniformly
     block i     = (pipeline version, the key of block i-1 or of the calibration, the solver spec with the
-                   method's full config, i)
+                   method's full config and the allocation settings, i)
 
 A block is *reusable* when its cached result exists and its weights file is intact: a reused block needs no
 inputs. A block that must be solved needs its inputs, the outputs of the block before it; when those are gone
@@ -47,6 +49,7 @@ class RunKeys:
     calibration: str
     blocks: tuple[str, ...]
     seqlen: int  # the calibration window length the keys were made for
+    allocation: str | None = None  # the sparsity allocation's, when it is not uniform
 
 
 Action = Literal["reuse", "replay", "compute"]
@@ -72,6 +75,7 @@ class BlockChain:
     calibration: Link
     blocks: tuple[Link, ...]
     seqlen: int  # the calibration window length used: the configured one, capped by the model's context
+    allocation: str | None = None  # the key of the sparsity allocation (None: uniform, nothing to compute)
 
     def indices(self, action: Action) -> list[int]:
         return [link.index for link in self.blocks if link.action == action]
@@ -85,8 +89,14 @@ def is_kept(boundary: int, keep_every: int) -> bool:
 
 def solver_identity(solver: SolverSpec) -> dict:
     """What of the solver spec decides the weights: the spec with the method's full config (defaults filled
-    in) instead of the overrides the user typed, so two spellings of one config share their cache."""
+    in) instead of the overrides the user typed, so two spellings of one config share their cache. Options
+    added after the first release count only away from their defaults (layer targets, uniform allocation),
+    so the cache entries of runs made before them stay valid."""
     identity = solver.model_dump(mode="json", exclude={"method_config"})
+    if solver.targets == "layer":
+        del identity["targets"]
+    if solver.allocation.method == "uniform":
+        del identity["allocation"]  # its other settings change nothing then
     return {**identity, "config": asdict(solver.solver_config)}
 
 
@@ -97,10 +107,14 @@ def run_keys(model: PreparedModel, config: PruneConfig, seqlen: int, text_hash: 
     upstream = stable_hash("calibration", PIPELINE_VERSION, model.fingerprint, calibration_settings, text_hash)
     calibration, blocks = upstream, []
     solver = solver_identity(config.solver)
+    allocation = None
+    if config.solver.allocation.method != "uniform":  # decided by the calibration inputs and its settings
+        allocation = stable_hash("allocation", PIPELINE_VERSION, calibration, solver["allocation"],
+                                 str(config.solver.pattern))
     for index in range(model.num_layers):
         upstream = stable_hash("block", PIPELINE_VERSION, upstream, solver, index)
         blocks.append(upstream)
-    return RunKeys(calibration=calibration, blocks=tuple(blocks), seqlen=seqlen)
+    return RunKeys(calibration=calibration, blocks=tuple(blocks), seqlen=seqlen, allocation=allocation)
 
 
 def plan_chain(keys: RunKeys, calibration: CalibrationResult | None,
@@ -138,4 +152,5 @@ def plan_chain(keys: RunKeys, calibration: CalibrationResult | None,
         calibration=Link(keys.calibration, capture),
         blocks=tuple(Link(key, actions[i], index=i) for i, key in enumerate(keys.blocks)),
         seqlen=keys.seqlen,
+        allocation=keys.allocation,
     )

@@ -133,26 +133,27 @@ def _is_weight_file(name: str) -> bool:
 def _verify(original: Checkpoint, saved: Checkpoint, blocks: list[BlockResult],
             pattern: SparsityPattern) -> dict[str, Any]:
     """Every targeted layer meets the pattern and every other tensor is bit-identical to the original."""
-    targeted: set[str] = set()
+    targeted: dict[str, SparsityPattern] = {}  # tensor name -> the pattern its layer was solved to
     for block in blocks:
         with safe_open(str(block.weights.path), framework="pt") as handle:
             names = list(handle.keys())
         for layer in block.layers:
-            targeted.add(next(n for n in names if n.endswith(f".{layer.name}.weight")))
+            name = next(n for n in names if n.endswith(f".{layer.name}.weight"))
+            targeted[name] = SparsityPattern.parse(layer.pattern)
     problems: list[str] = []
     tensors: dict[str, Any] = {}
     if sorted(saved.names) != sorted(original.names):
         problems.append("the saved tensor names differ from the original checkpoint's")
     for name, tensor in saved.iter_tensors():
         if name in targeted:
-            issues = pattern.violations(tensor != 0)
+            issues = targeted[name].violations(tensor != 0)
             if issues:
                 problems.append(f"{name}: {'; '.join(issues)}")
-            tensors[name] = {"pattern": str(pattern), "shape": list(tensor.shape),
+            tensors[name] = {"pattern": str(targeted[name]), "shape": list(tensor.shape),
                              "sparsity": 1.0 - float((tensor != 0).sum()) / tensor.numel()}
         elif not torch.equal(tensor, original.tensors([name])[name]):
             problems.append(f"{name}: changed although it is not a pruned layer")
-    missing = sorted(targeted - set(tensors))
+    missing = sorted(set(targeted) - set(tensors))
     if missing:
         problems.append(f"pruned layers missing from the saved model: {missing[:5]}")
     if problems:

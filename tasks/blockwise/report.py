@@ -21,6 +21,7 @@ from .records import BlockResult, CalibrationResult, LayerReport
 
 if TYPE_CHECKING:  # imported for annotations only: loading transformers is slow
     from ..model.prepared import PreparedModel
+    from .allocation import Allocation
 
 __all__ = ["BlockReport", "PruneReport", "PruneResult", "block_error_rows", "build_report"]
 
@@ -52,6 +53,17 @@ class BlockReport(BaseModel):
     layers: list[LayerReport]
 
 
+class AllocationRecord(BaseModel):
+    """How the sparsity was spread over the blocks (each layer's own is in its layer report)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    method: str
+    outlier_ratios: list[float]  # per block, on the dense model (OWL)
+    block_sparsity: list[float]  # per block, before the rounding to whole weights per layer
+    seconds: float  # measuring the outlier ratios
+
+
 class PruneReport(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -65,6 +77,9 @@ class PruneReport(BaseModel):
     computed_blocks: list[int]
     seconds: float  # the blocks' own time (cached blocks: the time they took when computed)
     mean_rel_error: float
+    target_sparsity: float = 0.0  # the pattern's
+    sparsity: float = 0.0  # achieved by the decoder linears together (zeros over weights)
+    allocation: AllocationRecord | None = None  # None: every layer got the pattern
     blocks: list[BlockReport]
 
     def to_json(self) -> dict[str, Any]:
@@ -85,10 +100,12 @@ class PruneResult(BaseModel):
 
 
 def build_report(model: PreparedModel, config: PruneConfig, calibration: CalibrationResult,
-                 blocks: list[BlockResult]) -> PruneReport:
-    """The run's report: its settings, the calibration windows used (count and sha256 of the token ids), and
-    per block and layer what the solver did."""
+                 blocks: list[BlockResult], allocation: Allocation | None = None) -> PruneReport:
+    """The run's report: its settings, the calibration windows used (count and sha256 of the token ids), the
+    sparsity allocation, and per block and layer what the solver did."""
     layers = [layer for block in blocks for layer in block.layers]
+    weights = [layer.shape[0] * layer.shape[1] for layer in layers]
+    zeros = sum(round(layer.achieved_sparsity * size) for layer, size in zip(layers, weights))
     return PruneReport(
         model=ModelIdentity(reference=model.reference, fingerprint=model.fingerprint, model_type=model.model_type,
                             num_layers=model.num_layers),
@@ -102,6 +119,11 @@ def build_report(model: PreparedModel, config: PruneConfig, calibration: Calibra
         computed_blocks=[b.index for b in blocks if not b.cached],
         seconds=sum(b.seconds for b in blocks),
         mean_rel_error=sum(layer.rel_error for layer in layers) / max(len(layers), 1),
+        target_sparsity=config.solver.pattern.sparsity,
+        sparsity=zeros / max(sum(weights), 1),
+        allocation=None if allocation is None else AllocationRecord(
+            method=allocation.method, outlier_ratios=allocation.outlier_ratios,
+            block_sparsity=allocation.block_sparsity, seconds=allocation.seconds),
         blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers)
                 for b in blocks],
     )

@@ -14,12 +14,12 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
-from alps_solver import GramCache, LayerProblem, solve
+from alps_solver import GramCache, LayerProblem, SparsityPattern, solve
 from alps_solver.methods import needs_input_stats
 
 from ..config.prune import SolverSpec
@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 
 Solved = tuple[LayerReport, torch.Tensor]  # a layer's report and its pruned weight
-# Solves the layer problems of one stage: (problems by name, group of each name) -> {name: (report, weight)}
-SolveStage = Callable[[dict[str, LayerProblem], dict[str, str]], dict[str, Solved]]
+# Solves the layer problems of one stage: (problems by name, group of each name, pattern of each name)
+# -> {name: (report, weight)}
+SolveStage = Callable[[dict[str, LayerProblem], dict[str, str], dict[str, SparsityPattern]], dict[str, Solved]]
 
 
 def prune_linears(
@@ -44,13 +45,17 @@ def prune_linears(
     *,
     batch_size: int = 8,
     solve_stage: SolveStage | None = None,
+    sparsities: Mapping[str, float] | None = None,
 ) -> list[LayerReport]:
     """Prune every linear layer of ``block`` in place; returns one report per layer, in execution order.
 
-    ``solve_stage(problems, group_of)`` solves the independent layer problems of a stage (default: group by
-    group in this process); the pipeline passes one that runs them through a Prefect task runner.
+    ``solve_stage(problems, group_of, patterns)`` solves the independent layer problems of a stage (default:
+    group by group in this process); the pipeline passes one that runs them through a Prefect task runner.
+    ``sparsities`` (layer name -> unstructured sparsity, from a sparsity allocation) overrides the solver's
+    pattern layer by layer; it must name every linear layer of the block.
     """
     groups = discover_groups(block, inputs)
+    patterns = _layer_patterns([name for group in groups for name in group], solver.pattern, sparsities)
     stages = [[group] for group in groups] if solver.true_sequential else [groups]
     dense_block = None
     if solver.targets == "dense":
@@ -66,7 +71,7 @@ def prune_linears(
         problems = collect_layer_problems(block, inputs, names, batch_size=batch_size,
                                           gram_dtype=getattr(torch, solver.gram_dtype), groups=groups,
                                           input_stats=needs_input_stats(solver.method), dense_block=dense_block)
-        solved = solve_stage(problems, group_of)
+        solved = solve_stage(problems, group_of, {name: patterns[name] for name in names})
         for name in names:
             report, weight = solved[name]
             module = linears[name]
@@ -78,20 +83,23 @@ def prune_linears(
 def solve_in_process(solver: SolverSpec) -> SolveStage:
     """A ``SolveStage`` that solves the groups one after another in this process."""
 
-    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, Solved]:
+    def solve_all(problems: dict[str, LayerProblem], group_of: dict[str, str],
+                  patterns: dict[str, SparsityPattern]) -> dict[str, Solved]:
         solved: dict[str, Solved] = {}
         for group, members in by_group(problems, group_of).items():
-            solved.update(solve_group(group, {n: problems[n] for n in members}, solver))
+            solved.update(solve_group(group, {n: problems[n] for n in members}, solver, patterns))
         return {name: solved[name] for name in problems}
 
     return solve_all
 
 
-def solve_group(group: str, problems: dict[str, LayerProblem], solver: SolverSpec) -> dict[str, Solved]:
-    """Solve layers of one group, one after another: they share H, so what a method derives from it is
-    derived once (one ``GramCache``)."""
+def solve_group(group: str, problems: dict[str, LayerProblem], solver: SolverSpec,
+                patterns: Mapping[str, SparsityPattern]) -> dict[str, Solved]:
+    """Solve layers of one group, one after another, each to its pattern: they share H, so what a method derives
+    from it is derived once (one ``GramCache``)."""
     cache = GramCache()
-    return {name: solve_layer(name, group, problem, solver, cache) for name, problem in problems.items()}
+    return {name: solve_layer(name, group, problem, solver, patterns[name], cache)
+            for name, problem in problems.items()}
 
 
 def by_group(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dict[str, list[str]]:
@@ -102,18 +110,19 @@ def by_group(problems: dict[str, LayerProblem], group_of: dict[str, str]) -> dic
     return groups
 
 
-def solve_layer(name: str, group: str, problem: LayerProblem, solver: SolverSpec,
+def solve_layer(name: str, group: str, problem: LayerProblem, solver: SolverSpec, pattern: SparsityPattern,
                 cache: GramCache | None = None) -> Solved:
-    """Solve one layer; ``cache`` is shared with the other members of its group (see ``GramCache``)."""
+    """Solve one layer to ``pattern``; ``cache`` is shared with the other members of its group (see
+    ``GramCache``)."""
     start = time.perf_counter()
-    result = solve(problem, solver.pattern, method=solver.method, config=solver.solver_config, cache=cache)
+    result = solve(problem, pattern, method=solver.method, config=solver.solver_config, cache=cache)
     report = LayerReport(
         name=name,
         shape=list(problem.weight.shape),
         group=group,
         method=solver.method,
-        pattern=str(solver.pattern),
-        target_sparsity=solver.pattern.sparsity,
+        pattern=str(pattern),
+        target_sparsity=pattern.sparsity,
         achieved_sparsity=result.sparsity,
         rel_error=result.rel_error,
         rel_error_before_backsolve=result.rel_error_before_backsolve,
@@ -125,3 +134,15 @@ def solve_layer(name: str, group: str, problem: LayerProblem, solver: SolverSpec
     logger.debug("%-24s %s err %.5f it %3d %5.2fs", name, result.status.value, result.rel_error,
                  result.iterations, report.seconds)
     return report, result.weight
+
+
+def _layer_patterns(names: list[str], pattern: SparsityPattern,
+                    sparsities: Mapping[str, float] | None) -> dict[str, SparsityPattern]:
+    """Each layer's pattern: the solver's, or its allocated unstructured sparsity."""
+    if sparsities is None:
+        return {name: pattern for name in names}
+    missing = sorted(set(names) - set(sparsities))
+    if missing:
+        raise KeyError(f"the sparsity allocation names no sparsity for the layers {missing}; it has "
+                       f"{sorted(sparsities)}")
+    return {name: SparsityPattern.unstructured(sparsities[name]) for name in names}

@@ -63,9 +63,11 @@ def capture_calibration(key: str, model: PreparedModel, calibration: Calibration
 
 
 def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, solver: SolverSpec,
-                runtime: RuntimeConfig, cache_dir: Path, solve_stage: SolveStage | None = None) -> BlockResult:
+                runtime: RuntimeConfig, cache_dir: Path, solve_stage: SolveStage | None = None,
+                sparsities: dict[str, float] | None = None) -> BlockResult:
     """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs.
-    ``solve_stage`` solves each stage's layer problems (default: in this process)."""
+    ``solve_stage`` solves each stage's layer problems (default: in this process); ``sparsities`` are the block's
+    layer sparsities from a sparsity allocation (default: the solver's pattern everywhere)."""
     if not inputs.is_intact():
         raise StaleInputs(f"block {index}: input activations {inputs.path} are missing or damaged")
     started = time.perf_counter()
@@ -74,7 +76,8 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
         torch.cuda.reset_peak_memory_stats(target)
     block, block_inputs, prefix = _load_block(model, index, inputs, runtime, target)
     dense_outputs = _dense_outputs(block, block_inputs, solver.targets, runtime.batch_size)  # before any pruning
-    layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage)
+    layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage,
+                           sparsities=sparsities)
 
     stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
     tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}

@@ -2,8 +2,8 @@
 
     PruneConfig
       model         what to prune: a bundled name, a local folder, a .gguf file or a hub id
-      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets (the solved
-                    weights)
+      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets, allocation
+                    (the solved weights)
       calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
       runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
       output        OutputConfig: the pruned folder, the MLflow experiment it is tracked in, and whether
@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from alps_solver import SparsityPattern, make_config, method_names
+from alps_solver import PatternKind, SparsityPattern, make_config, method_names
 from alps_solver.methods import reads_inputs
 
 from ..common.files import cache_root
@@ -42,6 +42,7 @@ from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACK
 from .evaluate import EvaluateConfig, EvaluationSpec
 
 __all__ = [
+    "AllocationSpec",
     "CalibrationConfig",
     "OutputConfig",
     "Pattern",
@@ -65,6 +66,28 @@ class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AllocationSpec(_Settings):
+    """How the target sparsity is spread over the blocks: the same everywhere (uniform), or OWL's outlier-weighted
+    allocation (Yin et al. 2023): blocks with more outliers in |W| ||x|| keep more weights. The overall sparsity of
+    the decoder linears is the target either way, to the weight."""
+
+    method: Literal["uniform", "owl"] = Field("uniform", description="uniform, or owl (outlier-weighted)")
+    spread: float = Field(0.08, ge=0.0, lt=1.0, description="OWL's lambda: block sparsities lie within about "
+                          "this much of the target, either way")
+    outlier_threshold: float = Field(5.0, gt=0.0, description="OWL's M: a weight is an outlier when its |W| ||x|| "
+                                     "exceeds M times its block's mean")
+    min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the least sparsity any layer may get")
+    max_sparsity: float = Field(0.99, gt=0.0, lt=1.0, description="the most sparsity any layer may get")
+
+    @field_validator("max_sparsity")
+    @classmethod
+    def _ordered_bounds(cls, high: float, info: ValidationInfo) -> float:
+        low = info.data.get("min_sparsity")
+        if low is not None and high < low:
+            raise ValueError(f"max_sparsity {high} is below min_sparsity {low}: give bounds low,high with low <= high")
+        return high
+
+
 class SolverOptions(_Settings):
     """How every layer is solved, apart from the method and pattern (a sweep shares these)."""
 
@@ -79,6 +102,7 @@ class SolverOptions(_Settings):
                                                "(SparseGPT, ALPS); 'dense', the dense model's output, which also "
                                                "corrects the error of the blocks and layers before it (twice the "
                                                "activations on disk)")
+    allocation: AllocationSpec = Field(AllocationSpec(), description="how the sparsity is spread over the blocks")
 
 
 class SolverSpec(SolverOptions):
@@ -87,6 +111,22 @@ class SolverSpec(SolverOptions):
     method: str = Field("alps", description="solver method: " + ", ".join(method_names()))
     pattern: Pattern = Field(SparsityPattern.unstructured(0.7), description="'0.7' (unstructured), '2:4', "
                              "'rows:0.7' or 'channels:0.5'")
+
+    @field_validator("pattern")
+    @classmethod
+    def _allocated_pattern(cls, pattern: SparsityPattern, info: ValidationInfo) -> SparsityPattern:
+        allocation = info.data.get("allocation")
+        if allocation is None or allocation.method == "uniform":
+            return pattern
+        if pattern.kind is not PatternKind.UNSTRUCTURED:
+            raise ValueError(f"allocation {allocation.method} spreads an unstructured sparsity over the blocks, and "
+                             f"{pattern} fixes every layer's pattern: give a fraction (e.g. 0.7), or allocation "
+                             "uniform")
+        if not allocation.min_sparsity <= pattern.sparsity <= allocation.max_sparsity:
+            raise ValueError(f"sparsity {pattern.sparsity} lies outside the allocation's bounds "
+                             f"[{allocation.min_sparsity}, {allocation.max_sparsity}]: the layers could not average "
+                             "it; widen the bounds")
+        return pattern
 
     @field_validator("method")
     @classmethod

@@ -480,7 +480,13 @@ def log_prune_report(run_id: str | None, report: Mapping[str, Any]) -> None:
         errors = [layer["rel_error"] for layer in block["layers"]]
         rows += [("block/mean_rel_error", sum(errors) / max(len(errors), 1), block["index"]),
                  ("block/seconds", block["seconds"], block["index"])]
+    allocation = report.get("allocation")
+    if allocation:  # how the sparsity was spread over the blocks (each layer's is layer/sparsity)
+        rows += [("block/allocated_sparsity", value, index) for index, value in enumerate(allocation["block_sparsity"])]
+        rows += [("block/outlier_ratio", value, index) for index, value in enumerate(allocation["outlier_ratios"])]
     rows += [("prune/mean_rel_error", report["mean_rel_error"], 0), ("prune/seconds", report["seconds"], 0)]
+    if "sparsity" in report:
+        rows.append(("prune/sparsity", report["sparsity"], 0))
     _log_metric_rows(run_id, rows)
     client = _client()
     client.log_dict(run_id, dict(report), PRUNE_REPORT_FILE)

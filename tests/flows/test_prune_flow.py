@@ -64,7 +64,8 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
 
 # Where each setting a test names lives in the nested PruneConfig.
 _SECTIONS = {"method": "solver", "pattern": "solver", "method_config": "solver", "true_sequential": "solver",
-             "gram_dtype": "solver", "targets": "solver", "calibration": ("calibration", "dataset"),
+             "gram_dtype": "solver", "targets": "solver", "allocation": "solver",
+             "calibration": ("calibration", "dataset"),
              "nsamples": "calibration",
              "seqlen": "calibration", "seed": "calibration", "device": "runtime", "threads": "runtime",
              "batch_size": "runtime", "task_runner": "runtime", "solve_workers": "runtime",
@@ -325,6 +326,47 @@ def test_dense_targets_bring_the_model_closer_to_the_dense_one_and_resume_bit_id
     assert calls == {"solved": [2, 3], "replayed": [0, 1]}
     want, got = tensors_of(dense.output), tensors_of(resumed.output)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_owl_allocation_spreads_the_sparsity_and_keeps_the_total_exact(prefect_harness, tokenizer, tmp_path,
+                                                                       monkeypatch):
+    """OWL: the blocks get different sparsities (more outliers, fewer pruned weights), every layer a whole number of
+    zeros, and the decoder linears together exactly the target's; saved, verified and reported per layer. The
+    allocation is a cached step: a rerun with another method reuses it (and recaptures the released calibration
+    inputs for its solves)."""
+    import tasks.prune
+
+    measured = []
+    measure = tasks.prune.measure_outliers
+    monkeypatch.setattr(tasks.prune, "measure_outliers", lambda *a, **k: measured.append(1) or measure(*a, **k))
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=4)
+    allocation = {"method": "owl", "spread": 0.1}
+    result = prune_model(config_for(model_dir, tmp_path, pattern="0.6", allocation=allocation))
+    record = result.report.to_json()
+    blocks = record["allocation"]["block_sparsity"]
+    assert len(blocks) == 4 and max(blocks) - min(blocks) == pytest.approx(0.2, abs=1e-9)
+    assert sum(blocks) / 4 == pytest.approx(0.6)
+    ratios = record["allocation"]["outlier_ratios"]
+    assert blocks.index(min(blocks)) == ratios.index(max(ratios))
+
+    pruned = {n: t for n, t in tensors_of(result.output).items() if is_block_linear(n)}
+    zeros = sum(int((t == 0).sum()) for t in pruned.values())
+    weights = sum(t.numel() for t in pruned.values())
+    assert zeros == round(0.6 * weights) and record["sparsity"] == zeros / weights
+    manifest = json.loads((result.output / "sparsity_manifest.json").read_text())
+    for block in record["blocks"]:
+        for layer in block["layers"]:
+            name = f"model.layers.{block['index']}.{layer['name']}.weight"
+            kept = int((pruned[name] != 0).sum())
+            assert kept == SparsityPattern.parse(layer["pattern"]).kept_count(*pruned[name].shape)
+            assert manifest["tensors"][name]["pattern"] == layer["pattern"]
+            assert abs(layer["target_sparsity"] - blocks[block["index"]]) * pruned[name].numel() <= 1.0 + 1e-6
+    assert measured == [1]
+
+    other = prune_model(config_for(model_dir, tmp_path, pattern="0.6", allocation=allocation, method="sparsegpt",
+                                   output=tmp_path / "other"))
+    assert measured == [1]  # the allocation was reused from the cache
+    assert other.report.to_json()["allocation"] == record["allocation"]
 
 
 def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefect_harness, tokenizer, tmp_path):

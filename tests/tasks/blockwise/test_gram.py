@@ -154,7 +154,7 @@ def test_prune_linears_collects_input_stats_only_for_methods_that_read_them(bloc
     block, inputs = block_and_inputs
     seen: dict[str, LayerProblem] = {}
 
-    def record(problems, group_of):
+    def record(problems, group_of, patterns):
         seen.update(problems)
         return {name: (None, problem.weight) for name, problem in problems.items()}  # weights unchanged
 
