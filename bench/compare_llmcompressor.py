@@ -414,9 +414,9 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
 
 def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
                env: dict[str, str], work: Path, tokens_sha256: str,
-               batch_size: int | None = None) -> tuple[float, float | None, dict[str, Any]]:
-    """One ``alps prune`` run on an empty cache; stops unless its report names the windows ``tokens_sha256``
-    (the ones given to llm-compressor)."""
+               batch_size: int | None = None, extra: Iterable[str] = ()) -> tuple[float, float | None, dict[str, Any]]:
+    """One ``alps prune`` run on an empty cache (``extra``: more of its options); stops unless its report names the
+    windows ``tokens_sha256`` (the ones given to llm-compressor)."""
     cache = work / f"cache-{output.name}"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: no calibration capture is reused
     command = [ALPS, "prune", "--model", str(dense), "--method", method, "--pattern", pattern,
@@ -429,6 +429,7 @@ def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argpa
         command += ["--batch-size", str(batch_size)]
     if args.solve_workers > 1:
         command += ["--solve-workers", str(args.solve_workers)]
+    command += list(extra)
     try:
         seconds, peak, _, _ = run_measured(command, env, work)
     finally:
