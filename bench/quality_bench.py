@@ -4,7 +4,9 @@ The comparison's protocol (bench/compare_llmcompressor.py): the bundled model, C
 512 tokens (seed 0), WikiText-2 and C4 perplexity on 4 windows of 2048 tokens. Each variant is a method with
 options, written ``method+option+...``:
 
-    dense        --targets dense: every layer fitted to the dense model's outputs (corrects upstream error)
+    dense        --targets dense: every layer fitted to a mix of its own dense output and the dense model's
+                 (--target-mix at its default)
+    dense:A      --targets dense --target-mix A (A = 1: the dense model's output alone)
     owl          --allocation owl (OWL's lambda 0.08, M 5)
     owl:L        --allocation owl --allocation-spread L
 
@@ -48,6 +50,7 @@ from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E40
 
 COMPARISON = REPO / "bench" / "results" / "compare_llmcompressor.json"
 OPTIONS = {"dense": ["--targets", "dense"], "owl": ["--allocation", "owl"]}
+VALUE_FLAGS = {"dense": "--target-mix", "owl": "--allocation-spread"}  # what ``option:value`` sets
 # The goals, as ratios of perplexity to llm-compressor SparseGPT's, on both evaluation sets.
 GOALS = {"0.7": 0.30, "0.8": 0.15, "2:4": 0.65}
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "seed", "ppl_windows", "threads")
@@ -63,9 +66,7 @@ def variant_options(variant: str) -> tuple[str, list[str]]:
             raise SystemExit(f"variant {variant!r}: unknown option {name!r}; known: {', '.join(OPTIONS)}")
         flags += OPTIONS[name]
         if value:
-            if name != "owl":
-                raise SystemExit(f"variant {variant!r}: {name} takes no value")
-            flags += ["--allocation-spread", value]
+            flags += [VALUE_FLAGS[name], value]
     return method, flags
 
 

@@ -59,6 +59,9 @@ TargetsOption = Annotated[str, typer.Option(
     "--targets", help="What each pruned layer's output is fitted to: 'layer', the dense layer's output on the "
     "pruned model's inputs; 'dense', the dense model's output, which also corrects the error of the layers "
     "before it (twice the activations on disk).")]
+TargetMixOption = Annotated[str, typer.Option(
+    "--target-mix", metavar="FLOAT", help="With --targets dense, the dense model's share a of each layer's target: "
+    "(1 - a) x the layer's own dense output + a x the dense model's (1: the dense model's alone).")]
 ResourceCheckOption = Annotated[bool, typer.Option(
     "--resource-check/--no-resource-check", help="Refuse a run whose plan (`alps plan`) does not fit this "
     "machine's free disk, RAM or device memory.")]

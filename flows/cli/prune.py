@@ -31,6 +31,7 @@ from .options import (
     ResourceCheckOption,
     SeedOption,
     SeqlenOption,
+    TargetMixOption,
     TargetsOption,
     ThreadsOption,
     TrackingOption,
@@ -46,7 +47,8 @@ ALLOCATION = DEFAULT.solver.allocation
 FLAGS = {
     "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
     "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
-    "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets", "solver.allocation": "--allocation",
+    "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets",
+    "solver.target_mix": "--target-mix", "solver.allocation": "--allocation",
     "solver.allocation.method": "--allocation", "solver.allocation.spread": "--allocation-spread",
     "solver.allocation.outlier_threshold": "--owl-threshold", "solver.allocation.min_sparsity": "--sparsity-bounds",
     "solver.allocation.max_sparsity": "--sparsity-bounds", "calibration.dataset": "--calib",
@@ -93,6 +95,7 @@ def prune_command(
     gram_dtype: Annotated[str, typer.Option("--gram-dtype", help="float32 or float64 accumulation of X^T X.")]
     = DEFAULT.solver.gram_dtype,
     targets: TargetsOption = DEFAULT.solver.targets,
+    target_mix: TargetMixOption = DEFAULT.solver.target_mix,
     allocation: Annotated[str, typer.Option("--allocation", help="How the sparsity is spread over the blocks: "
                                             "uniform, or owl (blocks with more outlier weights keep more; the "
                                             "overall sparsity stays the target).")] = ALLOCATION.method,
@@ -153,7 +156,7 @@ def prune_command(
         "model": model,
         "solver": {"method": method, "method_config": method_overrides(config or [], [method]),
                    "true_sequential": true_sequential,
-                   "gram_dtype": gram_dtype, "targets": targets,
+                   "gram_dtype": gram_dtype, "targets": targets, "target_mix": target_mix,
                    "allocation": {"method": allocation, "spread": allocation_spread,
                                   "outlier_threshold": owl_threshold, **_bounds(sparsity_bounds)},
                    **({"pattern": pattern} if pattern is not None else {}),

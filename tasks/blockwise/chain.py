@@ -94,7 +94,7 @@ def solver_identity(solver: SolverSpec) -> dict:
     so the cache entries of runs made before them stay valid."""
     identity = solver.model_dump(mode="json", exclude={"method_config"})
     if solver.targets == "layer":
-        del identity["targets"]
+        del identity["targets"], identity["target_mix"]  # the mix changes nothing then
     if solver.allocation.method == "uniform":
         del identity["allocation"]  # its other settings change nothing then
     return {**identity, "config": asdict(solver.solver_config)}

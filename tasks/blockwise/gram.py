@@ -110,14 +110,18 @@ class _GramCollector:
             ordered.setdefault(self.group_of[name], []).append(name)
         return list(ordered.values())
 
-    def problem(self, name: str) -> LayerProblem:
+    def problem(self, name: str, target_mix: float = 1.0) -> LayerProblem:
         s = self.stats[self.group_of[name]]
         weight = self.linears[name].weight.detach()
         stats = {}
         if self.input_stats:
             stats = {"input_mean": s["mean"].to(weight.device), "input_var": (s["m2"] / s["n"]).to(weight.device)}
-        return LayerProblem(weight=weight.to(torch.float32), gram=s["gram"], n_tokens=s["n"], cross=s.get("cross"),
-                            **stats)
+        cross = s.get("cross")
+        if cross is not None and target_mix != 1.0:
+            # The target output (1 - a) X_p W^T + a X_d W^T is X_t W^T with X_t = (1 - a) X_p + a X_d, whose cross
+            # Gram X_p^T X_t = (1 - a) H + a K.
+            cross = (1.0 - target_mix) * s["gram"] + target_mix * cross
+        return LayerProblem(weight=weight.to(torch.float32), gram=s["gram"], n_tokens=s["n"], cross=cross, **stats)
 
 
 class _DenseInputs:
@@ -209,13 +213,15 @@ def collect_layer_problems(
     groups: Sequence[Sequence[str]] | None = None,
     input_stats: bool = True,
     dense_block: nn.Module | None = None,
+    target_mix: float = 1.0,
 ) -> dict[str, LayerProblem]:
     """One forward pass over ``inputs``: the LayerProblem (W, H, input statistics) of each named linear
     layer; layers reading the same input share one H. Keys follow ``names``. ``groups`` (from
     ``discover_groups``) saves discovering them again; ``input_stats=False`` leaves out the per-channel
     input mean and variance (only methods like dsnot read them). With ``dense_block`` (the block with its
     dense weights: ``block`` itself while none of its layers is pruned) every problem also gets its cross Gram
-    with the dense model's inputs ``inputs.dense_view()``: dense targets."""
+    with the dense model's inputs ``inputs.dense_view()``: dense targets. ``target_mix`` a (0 < a <= 1) aims each
+    layer at (1 - a) x its own dense output + a x the dense model's instead (the cross Gram (1 - a) H + a K)."""
     groups = groups if groups is not None else discover_groups(block, inputs)
     leader = {name: group[0] for group in groups for name in group}
     unknown = sorted(set(names) - set(leader))
@@ -232,4 +238,4 @@ def collect_layer_problems(
         collector.close()
         if dense is not None:
             dense.close()
-    return {name: collector.problem(name) for name in names}
+    return {name: collector.problem(name, target_mix) for name in names}

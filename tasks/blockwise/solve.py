@@ -6,7 +6,8 @@ problems. By default a block is one stage: every layer sees the dense block's in
 do). With ``true_sequential`` every group is its own stage, solved after the groups before it were pruned,
 on the inputs the pruned earlier groups produce. ``prune_linears`` runs the stages and writes the pruned
 weights into the block in place. With dense targets (``SolverSpec.targets``) every layer is fitted to the dense
-model's output instead of its own dense output: its problems carry the cross Gram with the dense model's inputs.
+model's output instead of its own dense output, or to a mix of the two (``SolverSpec.target_mix``): its problems
+carry the cross Gram with the dense model's inputs.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def prune_linears(
         names = [name for group in stage for name in group]
         problems = collect_layer_problems(block, inputs, names, batch_size=batch_size,
                                           gram_dtype=getattr(torch, solver.gram_dtype), groups=groups,
-                                          input_stats=needs_input_stats(solver.method), dense_block=dense_block)
+                                          input_stats=needs_input_stats(solver.method), dense_block=dense_block,
+                                          target_mix=solver.target_mix)
         solved = solve_stage(problems, group_of, {name: patterns[name] for name in names})
         for name in names:
             report, weight = solved[name]

@@ -2,8 +2,8 @@
 
     PruneConfig
       model         what to prune: a bundled name, a local folder, a .gguf file or a hub id
-      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets, allocation
-                    (the solved weights)
+      solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets, target_mix,
+                    allocation (the solved weights)
       calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
       runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
       output        OutputConfig: the pruned folder, the MLflow experiment it is tracked in, and whether
@@ -51,6 +51,11 @@ __all__ = [
     "SolverOptions",
     "SolverSpec",
 ]
+
+# With dense targets, the dense model's share of each layer's target output. On the bundled model at 70%
+# (bench/quality_bench.py, bench/README.md) fully dense targets (1) overfit the drifted inputs, while a share
+# of about a fifth lowers plain ALPS's perplexity by about a fifth.
+TARGET_MIX = 0.2
 
 # A sparsity pattern as a field: parsed from its text form ('0.7', '2:4', 'rows:0.7', 'channels:0.5') on the
 # way in, written back as that text on the way out (JSON, Prefect parameters, MLflow, the prune report).
@@ -102,7 +107,18 @@ class SolverOptions(_Settings):
                                                "(SparseGPT, ALPS); 'dense', the dense model's output, which also "
                                                "corrects the error of the blocks and layers before it (twice the "
                                                "activations on disk)")
+    target_mix: float = Field(TARGET_MIX, gt=0.0, le=1.0, description="with dense targets, the dense model's "
+                              "share a of each layer's target output: (1 - a) x the layer's own dense output + "
+                              "a x the dense model's (1: the dense model's alone)")
     allocation: AllocationSpec = Field(AllocationSpec(), description="how the sparsity is spread over the blocks")
+
+    @field_validator("target_mix")
+    @classmethod
+    def _mix_needs_dense_targets(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("targets") == "layer" and value != TARGET_MIX:  # targets is validated first
+            raise ValueError(f"target_mix {value} mixes the dense model's output into each layer's target, which "
+                             "only dense targets have: add targets 'dense', or leave target_mix out")
+        return value
 
 
 class SolverSpec(SolverOptions):

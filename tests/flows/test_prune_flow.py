@@ -64,7 +64,7 @@ def save_model(folder: Path, tokenizer, kind: str = "llama", layers: int = 2, hi
 
 # Where each setting a test names lives in the nested PruneConfig.
 _SECTIONS = {"method": "solver", "pattern": "solver", "method_config": "solver", "true_sequential": "solver",
-             "gram_dtype": "solver", "targets": "solver", "allocation": "solver",
+             "gram_dtype": "solver", "targets": "solver", "target_mix": "solver", "allocation": "solver",
              "calibration": ("calibration", "dataset"),
              "nsamples": "calibration",
              "seqlen": "calibration", "seed": "calibration", "device": "runtime", "threads": "runtime",
@@ -298,19 +298,22 @@ def _final_hidden(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 def test_dense_targets_bring_the_model_closer_to_the_dense_one_and_resume_bit_identical(prefect_harness, tokenizer,
                                                                                        tmp_path, monkeypatch):
-    """Dense targets fit every layer to the dense model's outputs on the calibration windows: the pruned model's
-    last hidden states there are closer to the dense model's than with layer targets, at the same sparsity. A
-    run stopped midway whose inputs are gone resumes by replaying both streams (pruned and dense), bit for bit."""
+    """Dense targets fit every layer to the dense model's outputs on the calibration windows (target_mix 1): the
+    pruned model's last hidden states there are closer to the dense model's than with layer targets, at the same
+    sparsity; the default mix of the two targets lies in between. A run stopped midway whose inputs are gone
+    resumes by replaying both streams (pruned and dense), bit for bit; another mix solves every block again."""
     model_dir = save_model(tmp_path / "model", tokenizer, layers=4)
     settings = dict(nsamples=8, pattern="0.7")
     layer = prune_model(config_for(model_dir, tmp_path / "layer", **settings))
+    full = prune_model(config_for(model_dir, tmp_path / "full", targets="dense", target_mix=1.0, **settings))
     dense = prune_model(config_for(model_dir, tmp_path / "dense", targets="dense", **settings))
-    assert dense.report.to_json()["config"]["solver"]["targets"] == "dense"
+    solver = dense.report.to_json()["config"]["solver"]
+    assert solver["targets"] == "dense" and solver["target_mix"] == PruneConfig().solver.target_mix < 1.0
     tokens = calibration_windows("pydoc", tokenizer, nsamples=8, seqlen=32, seed=0)
     reference = _final_hidden(model_dir, tokens)
     errors = {name: float((_final_hidden(run.output, tokens) - reference).square().sum() / reference.square().sum())
-              for name, run in (("layer", layer), ("dense", dense))}
-    assert errors["dense"] < 0.9 * errors["layer"], errors
+              for name, run in (("layer", layer), ("full", full), ("mix", dense))}
+    assert errors["full"] < errors["mix"] < errors["layer"] and errors["full"] < 0.9 * errors["layer"], errors
     for name, tensor in tensors_of(dense.output).items():
         if is_block_linear(name):
             assert int((tensor != 0).sum()) == SparsityPattern.parse("0.7").kept_count(*tensor.shape), name
@@ -326,6 +329,9 @@ def test_dense_targets_bring_the_model_closer_to_the_dense_one_and_resume_bit_id
     assert calls == {"solved": [2, 3], "replayed": [0, 1]}
     want, got = tensors_of(dense.output), tensors_of(resumed.output)
     assert all(torch.equal(got[n], want[n]) for n in want)
+    calls = _record_calls(monkeypatch)
+    prune_model(config_for(model_dir, tmp_path, targets="dense", target_mix=0.5, overwrite=True, **settings))
+    assert calls["solved"] == [0, 1, 2, 3]
 
 
 def test_owl_allocation_spreads_the_sparsity_and_keeps_the_total_exact(prefect_harness, tokenizer, tmp_path,

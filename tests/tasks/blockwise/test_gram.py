@@ -112,7 +112,8 @@ def test_without_input_stats_the_same_problems_carry_no_mean_or_variance(block_a
 def test_dense_targets_collect_the_cross_gram_of_pruned_and_dense_inputs(block_and_inputs):
     """Block inputs whose dense-model hidden states differ from the pruned model's: every problem's cross Gram
     is X_p^T X_d of the layer inputs recorded from the two forwards, beside the same H as without them; with a
-    pruned block the dense inputs come from the dense block handed in."""
+    pruned block the dense inputs come from the dense block handed in. With a target mix a it is X_p^T X_t for
+    the mixed inputs X_t."""
     block, inputs = block_and_inputs
     drifted = replace(inputs, dense=inputs.hidden.clone(),
                       hidden=inputs.hidden + 0.1 * torch.randn(inputs.hidden.shape, generator=torch.Generator()
@@ -133,6 +134,13 @@ def test_dense_targets_collect_the_cross_gram_of_pruned_and_dense_inputs(block_a
             assert torch.allclose(problems[name].cross, X_p[name].T @ X_d[name], rtol=1e-9, atol=1e-9), name
             assert torch.equal(problems[name].gram, plain[name].gram) and plain[name].cross is None
             assert not torch.allclose(problems[name].cross, problems[name].gram, rtol=1e-3)
+        # A mix of the two targets, (1 - a) X_p W^T + a X_d W^T, is the target of X_t = (1 - a) X_p + a X_d.
+        mixed = collect_layer_problems(current, drifted, names, batch_size=2, gram_dtype=torch.float64,
+                                       groups=groups, dense_block=dense_block, target_mix=0.3)
+        for name in names:
+            X_t = 0.7 * X_p[name] + 0.3 * X_d[name]
+            assert torch.allclose(mixed[name].cross, X_p[name].T @ X_t, rtol=1e-9, atol=1e-9), name
+            assert torch.equal(mixed[name].gram, problems[name].gram)
 
 
 @pytest.mark.parametrize("method", method_names())
