@@ -8,6 +8,8 @@ options, written ``method+option+...``:
                  (--target-mix at its default)
     dense:A      --targets dense --target-mix A (A = 1: the dense model's output alone)
     owl          --allocation owl (OWL's lambda 0.08, M 5)
+    refine       --refine adam (block refinement at its defaults)
+    refine:E     --refine adam --refine-epochs E
     owl:L        --allocation owl --allocation-spread L
 
 Each run is a fresh ``alps prune`` process on an empty cache, timed (wall seconds, peak RSS) and evaluated with
@@ -18,7 +20,7 @@ baseline from the same session. Results go to a JSON file after every run (``--r
 markdown table beside it.
 
     python bench/quality_bench.py --data-dir ../shared/data --patterns 0.7 \\
-        --variants alps alps+dense alps+owl alps+dense+owl sparsegpt+owl wanda+owl
+        --variants alps alps+dense alps+refine alps+dense+refine alps+owl sparsegpt+owl wanda+owl
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ from bench.processes import add_calibration_options  # noqa: E402
 from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 COMPARISON = REPO / "bench" / "results" / "compare_llmcompressor.json"
-OPTIONS = {"dense": ["--targets", "dense"], "owl": ["--allocation", "owl"]}
-VALUE_FLAGS = {"dense": "--target-mix", "owl": "--allocation-spread"}  # what ``option:value`` sets
+OPTIONS = {"dense": ["--targets", "dense"], "owl": ["--allocation", "owl"], "refine": ["--refine", "adam"]}
+VALUE_FLAGS = {"dense": "--target-mix", "owl": "--allocation-spread", "refine": "--refine-epochs"}  # option:value
 # The issue's goals, as ratios of perplexity to llm-compressor SparseGPT's, on both evaluation sets.
 GOALS = {"0.7": 0.30, "0.8": 0.15, "2:4": 0.65}
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "seed", "ppl_windows", "threads")

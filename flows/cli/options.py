@@ -62,6 +62,14 @@ TargetsOption = Annotated[str, typer.Option(
 TargetMixOption = Annotated[str, typer.Option(
     "--target-mix", metavar="FLOAT", help="With --targets dense, the dense model's share a of each layer's target: "
     "(1 - a) x the layer's own dense output + a x the dense model's (1: the dense model's alone).")]
+RefineOption = Annotated[str, typer.Option(
+    "--refine", help="Block refinement after each block's layers are solved: none, or adam (the kept weights tuned "
+    "together, masks fixed, toward the dense block's output).")]
+RefineEpochsOption = Annotated[str, typer.Option(
+    "--refine-epochs", metavar="INTEGER", help="Refinement's passes over the calibration windows.")]
+RefineLrOption = Annotated[str, typer.Option("--refine-lr", metavar="FLOAT", help="Refinement's Adam learning rate.")]
+RefineBatchOption = Annotated[str, typer.Option(
+    "--refine-batch", metavar="INTEGER", help="Calibration windows per refinement step.")]
 ResourceCheckOption = Annotated[bool, typer.Option(
     "--resource-check/--no-resource-check", help="Refuse a run whose plan (`alps plan`) does not fit this "
     "machine's free disk, RAM or device memory.")]

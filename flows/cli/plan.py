@@ -30,6 +30,9 @@ from .options import (
     MethodOption,
     NsamplesOption,
     OffloadActivationsOption,
+    RefineBatchOption,
+    RefineEpochsOption,
+    RefineOption,
     SeqlenOption,
     TargetsOption,
     ThreadsOption,
@@ -56,6 +59,9 @@ def plan_command(
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Plan for --true-sequential.")]
     = DEFAULT.solver.true_sequential,
     targets: TargetsOption = DEFAULT.solver.targets,
+    refine: RefineOption = DEFAULT.solver.refine.method,
+    refine_epochs: RefineEpochsOption = DEFAULT.solver.refine.epochs,
+    refine_batch: RefineBatchOption = DEFAULT.solver.refine.batch,
     activation_dtype: ActivationDtypeOption = DEFAULT.calibration.activation_dtype,
     offload_activations: OffloadActivationsOption = DEFAULT.runtime.offload_activations,
     keep_every: KeepEveryOption = DEFAULT.runtime.keep_every,
@@ -88,6 +94,7 @@ def plan_command(
     settings: dict[str, Any] = {
         "model": model,
         "solver": {"method": method, "true_sequential": true_sequential, "targets": targets,
+                   "refine": {"method": refine, "epochs": refine_epochs, "batch": refine_batch},
                    **({"pattern": pattern} if pattern is not None else {})},
         "calibration": {"nsamples": nsamples, "seqlen": seqlen, "activation_dtype": activation_dtype},
         "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "cache_dir": cache_dir,

@@ -28,6 +28,10 @@ from .options import (
     ModelOption,
     NsamplesOption,
     OffloadActivationsOption,
+    RefineBatchOption,
+    RefineEpochsOption,
+    RefineLrOption,
+    RefineOption,
     ResourceCheckOption,
     SeedOption,
     SeqlenOption,
@@ -43,6 +47,7 @@ __all__ = ["FLAGS", "prune_command"]
 DEFAULT = PruneConfig()
 EVALUATION = DEFAULT.evaluation
 ALLOCATION = DEFAULT.solver.allocation
+REFINE = DEFAULT.solver.refine
 # Where each field of PruneConfig is set on the command line (errors name the flag the user typed).
 FLAGS = {
     "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
@@ -51,7 +56,9 @@ FLAGS = {
     "solver.target_mix": "--target-mix", "solver.allocation": "--allocation",
     "solver.allocation.method": "--allocation", "solver.allocation.spread": "--allocation-spread",
     "solver.allocation.outlier_threshold": "--owl-threshold", "solver.allocation.min_sparsity": "--sparsity-bounds",
-    "solver.allocation.max_sparsity": "--sparsity-bounds", "calibration.dataset": "--calib",
+    "solver.allocation.max_sparsity": "--sparsity-bounds", "solver.refine": "--refine",
+    "solver.refine.method": "--refine", "solver.refine.epochs": "--refine-epochs", "solver.refine.lr": "--refine-lr",
+    "solver.refine.batch": "--refine-batch", "calibration.dataset": "--calib",
     "calibration.nsamples": "--nsamples",
     "calibration.seqlen": "--seqlen", "calibration.seed": "--seed",
     "calibration.activation_dtype": "--activation-dtype", "runtime.keep_every": "--keep-every",
@@ -110,6 +117,10 @@ def prune_command(
                                                            f"(default {ALLOCATION.min_sparsity},"
                                                            f"{ALLOCATION.max_sparsity}).", show_default=False)]
     = None,
+    refine: RefineOption = REFINE.method,
+    refine_epochs: RefineEpochsOption = REFINE.epochs,
+    refine_lr: RefineLrOption = REFINE.lr,
+    refine_batch: RefineBatchOption = REFINE.batch,
     task_runner: Annotated[str, typer.Option("--task-runner", help="Where a block's layer solves run: threads, "
                                              "dask or ray (Prefect task runners).")] = DEFAULT.runtime.task_runner,
     solve_workers: Annotated[str, typer.Option("--solve-workers", metavar="INTEGER", help="Layer solves at once "
@@ -159,6 +170,7 @@ def prune_command(
                    "gram_dtype": gram_dtype, "targets": targets, "target_mix": target_mix,
                    "allocation": {"method": allocation, "spread": allocation_spread,
                                   "outlier_threshold": owl_threshold, **_bounds(sparsity_bounds)},
+                   "refine": {"method": refine, "epochs": refine_epochs, "lr": refine_lr, "batch": refine_batch},
                    **({"pattern": pattern} if pattern is not None else {}),
                    **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,

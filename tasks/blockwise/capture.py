@@ -58,11 +58,16 @@ class BlockInputs:
                            f"not {layer_type!r}")
         return replace(self, layer_type=layer_type)
 
+    def batch(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """The hidden states of ``rows`` (a slice or indices of samples) on the block's device in float32 (no
+        copy when already there)."""
+        return self.hidden[rows].to(self.device, torch.float32)
+
     def batches(self, batch_size: int) -> Iterator[tuple[slice, torch.Tensor]]:
-        """(rows, hidden states) per batch, on the block's device in float32 (no copy when already there)."""
+        """(rows, hidden states) per batch, in order (``batch``)."""
         for start in range(0, self.nsamples, batch_size):
             rows = slice(start, min(start + batch_size, self.nsamples))
-            yield rows, self.hidden[rows].to(self.device, torch.float32)
+            yield rows, self.batch(rows)
 
     def dense_view(self) -> BlockInputs:
         """The dense model's inputs at this boundary, as block inputs of their own (same keywords)."""

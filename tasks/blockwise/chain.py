@@ -90,13 +90,15 @@ def is_kept(boundary: int, keep_every: int) -> bool:
 def solver_identity(solver: SolverSpec) -> dict:
     """What of the solver spec decides the weights: the spec with the method's full config (defaults filled
     in) instead of the overrides the user typed, so two spellings of one config share their cache. Options
-    added after the first release count only away from their defaults (layer targets, uniform allocation),
-    so the cache entries of runs made before them stay valid."""
+    added after the first release count only away from their defaults (layer targets, uniform allocation, no
+    refinement), so the cache entries of runs made before them stay valid."""
     identity = solver.model_dump(mode="json", exclude={"method_config"})
     if solver.targets == "layer":
         del identity["targets"], identity["target_mix"]  # the mix changes nothing then
     if solver.allocation.method == "uniform":
         del identity["allocation"]  # its other settings change nothing then
+    if solver.refine.method == "none":
+        del identity["refine"]
     return {**identity, "config": asdict(solver.solver_config)}
 
 

@@ -150,7 +150,7 @@ class _DenseInputs:
     def batch(self, rows: slice) -> dict[str, torch.Tensor]:
         self.captured, self.active = {}, True
         try:
-            self.block(self.inputs.hidden[rows].to(self.inputs.device, torch.float32), **self.inputs.kwargs)
+            self.block(self.inputs.batch(rows), **self.inputs.kwargs)
         except StopForward:
             pass
         finally:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from ..common.files import sha256_file
 
-__all__ = ["BlockResult", "CalibrationResult", "FileRecord", "LayerReport"]
+__all__ = ["BlockResult", "CalibrationResult", "FileRecord", "LayerReport", "RefinementRecord"]
 
 
 class FileRecord(BaseModel):
@@ -70,6 +70,20 @@ class CalibrationResult(BaseModel):
     tokens_sha256: str  # of the token ids: names the exact windows, so another tool can calibrate on them too
 
 
+class RefinementRecord(BaseModel):
+    """What refining one block did (``tasks.blockwise.refine``): its relative output error before and after,
+    the optimiser's steps and the time."""
+
+    model_config = ConfigDict(frozen=True)
+
+    error_before: float
+    steps: int
+    seconds: float
+    # Measured on the outputs of the weights as saved (rounded to the checkpoint's dtype), which the block step
+    # computes anyway for the next block's inputs.
+    error_after: float | None = None
+
+
 class BlockResult(BaseModel):
     """One pruned block: its tensors, the next block's inputs, and one report per linear layer."""
 
@@ -82,6 +96,7 @@ class BlockResult(BaseModel):
     layers: list[LayerReport]
     seconds: float
     memory: dict[str, float]  # peak_rss_mb, and peak_cuda_mb on a GPU
+    refinement: RefinementRecord | None = None  # with block refinement (SolverSpec.refine)
     cached: bool = False  # set by the run that reused it from the cache
 
     @property

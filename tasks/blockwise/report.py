@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ..config.prune import PruneConfig
 from ..evaluation.summary import EvaluationSummary
 from .chain import PIPELINE_VERSION
-from .records import BlockResult, CalibrationResult, LayerReport
+from .records import BlockResult, CalibrationResult, LayerReport, RefinementRecord
 
 if TYPE_CHECKING:  # imported for annotations only: loading transformers is slow
     from ..model.prepared import PreparedModel
@@ -51,6 +51,7 @@ class BlockReport(BaseModel):
     memory: dict[str, float]
     cached: bool
     layers: list[LayerReport]
+    refinement: RefinementRecord | None = None  # with block refinement: the block's output error before and after
 
 
 class AllocationRecord(BaseModel):
@@ -124,8 +125,8 @@ def build_report(model: PreparedModel, config: PruneConfig, calibration: Calibra
         allocation=None if allocation is None else AllocationRecord(
             method=allocation.method, outlier_ratios=allocation.outlier_ratios,
             block_sparsity=allocation.block_sparsity, seconds=allocation.seconds),
-        blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers)
-                for b in blocks],
+        blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers,
+                            refinement=b.refinement) for b in blocks],
     )
 
 

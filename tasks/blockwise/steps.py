@@ -1,6 +1,7 @@
 """The steps a run repeats, from files to files: capture the calibration inputs of block 0; solve one block
-(load it from the checkpoint, prune its linear layers, run it for the next block's inputs, save both; with
-dense targets the dense block also runs on the dense model's inputs, and the next inputs carry both); and
+(load it from the checkpoint, prune its linear layers, optionally refine them together, run it for the next
+block's inputs, save both; with dense targets the dense block also runs on the dense model's inputs, and the
+next inputs carry both); and
 replay one already solved block (run its saved, pruned weights forward to rebuild the next block's inputs,
 solving nothing).
 
@@ -30,6 +31,7 @@ from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel
 from .capture import BlockInputs, capture_block_inputs, load_block_inputs, run_block, save_block_inputs
 from .records import BlockResult, CalibrationResult, FileRecord
+from .refine import output_error, refine_block, refinement_target
 from .solve import SolveStage, prune_linears
 
 __all__ = ["StaleInputs", "activation_path", "capture_calibration", "replay_block", "solve_block"]
@@ -71,13 +73,22 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     if not inputs.is_intact():
         raise StaleInputs(f"block {index}: input activations {inputs.path} are missing or damaged")
     started = time.perf_counter()
-    target = resolve_device(runtime.device)
-    if target.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(target)
-    block, block_inputs, prefix = _load_block(model, index, inputs, runtime, target)
+    device = resolve_device(runtime.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    block, block_inputs, prefix = _load_block(model, index, inputs, runtime, device)
     dense_outputs = _dense_outputs(block, block_inputs, solver.targets, runtime.batch_size)  # before any pruning
+    refining = solver.refine.method != "none"
+    # Block refinement's target, from the dense block on this block's inputs (mixed with the dense outputs for
+    # dense targets).
+    target = (refinement_target(run_block(block, block_inputs, runtime.batch_size), dense_outputs, solver.target_mix)
+              if refining else None)
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage,
                            sparsities=sparsities)
+    refinement = None
+    if target is not None:
+        refinement = refine_block(block, block_inputs, target, solver.refine, seed=index,
+                                  batch_size=runtime.batch_size)
 
     stored = Checkpoint(model.folder).dtypes(prefix)  # the stored dtypes are kept on save
     tensors = {prefix + n: t.detach().to("cpu", stored[prefix + n]) for n, t in block.state_dict().items()}
@@ -85,12 +96,17 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
     # saved model computes exactly these, and a replay from the saved weights reproduces them bit for bit.
     block.load_state_dict({n[len(prefix):]: t for n, t in tensors.items()})
     outputs = run_block(block, block_inputs, runtime.batch_size)
+    if refinement is not None:
+        refinement = refinement.model_copy(update={"error_after": output_error(outputs, target)})
+        logger.info("block %02d: refined in %.1f s (%d steps), output error %.4f -> %.4f", index,
+                    refinement.seconds, refinement.steps, refinement.error_before, refinement.error_after)
     weights = atomic_write(Path(cache_dir) / BLOCKS / f"{key}.safetensors",
                            lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
     next_inputs = atomic_write(activation_path(cache_dir, key),
                                lambda p: save_block_inputs(p, block_inputs, hidden=outputs, dense=dense_outputs))
     return BlockResult(key=key, index=index, weights=FileRecord.of(weights), outputs=FileRecord.of(next_inputs),
-                       layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(target))
+                       layers=layers, seconds=time.perf_counter() - started, memory=_memory_mb(device),
+                       refinement=refinement)
 
 
 def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, runtime: RuntimeConfig,

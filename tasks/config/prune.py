@@ -3,7 +3,7 @@
     PruneConfig
       model         what to prune: a bundled name, a local folder, a .gguf file or a hub id
       solver        SolverSpec: method, pattern, method_config, true_sequential, gram_dtype, targets, target_mix,
-                    allocation (the solved weights)
+                    allocation, refine (the solved weights)
       calibration   CalibrationConfig: dataset, nsamples, seqlen, seed (the inputs the solver sees)
       runtime       RuntimeConfig: where and how it runs (device, threads, workers, cache and data folders)
       output        OutputConfig: the pruned folder, the MLflow experiment it is tracked in, and whether
@@ -47,6 +47,7 @@ __all__ = [
     "OutputConfig",
     "Pattern",
     "PruneConfig",
+    "RefineSpec",
     "RuntimeConfig",
     "SolverOptions",
     "SolverSpec",
@@ -56,6 +57,9 @@ __all__ = [
 # (bench/quality_bench.py, bench/README.md) fully dense targets (1) overfit the drifted inputs, while a share
 # of about a fifth lowers plain ALPS's perplexity by about a fifth.
 TARGET_MIX = 0.2
+# Block refinement's defaults (bench/quality_bench.py at 70%, bench/README.md): one epoch at two windows per
+# step costs about as much as the block's ALPS solve.
+REFINE_EPOCHS, REFINE_LR, REFINE_BATCH = 1, 2e-4, 2
 
 # A sparsity pattern as a field: parsed from its text form ('0.7', '2:4', 'rows:0.7', 'channels:0.5') on the
 # way in, written back as that text on the way out (JSON, Prefect parameters, MLflow, the prune report).
@@ -93,6 +97,25 @@ class AllocationSpec(_Settings):
         return high
 
 
+class RefineSpec(_Settings):
+    """Block refinement after a block's layers are solved: their kept weights tuned together (masks fixed) by
+    Adam so the block's output matches the dense block's on the calibration inputs (tasks/blockwise/refine.py)."""
+
+    method: Literal["none", "adam"] = Field("none", description="none, or adam")
+    epochs: int = Field(REFINE_EPOCHS, ge=1, description="passes over the calibration windows")
+    lr: float = Field(REFINE_LR, gt=0.0, lt=1.0, description="Adam's learning rate")
+    batch: int = Field(REFINE_BATCH, ge=1, description="calibration windows per step")
+
+    @model_validator(mode="after")
+    def _settings_need_a_method(self) -> RefineSpec:
+        defaults = {"epochs": REFINE_EPOCHS, "lr": REFINE_LR, "batch": REFINE_BATCH}
+        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        if self.method == "none" and changed:
+            raise ValueError(f"refine {', '.join(changed)} given without a refinement method: add method 'adam' "
+                             "(--refine adam), or leave them out")
+        return self
+
+
 class SolverOptions(_Settings):
     """How every layer is solved, apart from the method and pattern (a sweep shares these)."""
 
@@ -111,6 +134,7 @@ class SolverOptions(_Settings):
                               "share a of each layer's target output: (1 - a) x the layer's own dense output + "
                               "a x the dense model's (1: the dense model's alone)")
     allocation: AllocationSpec = Field(AllocationSpec(), description="how the sparsity is spread over the blocks")
+    refine: RefineSpec = Field(RefineSpec(), description="block refinement after each block's layers are solved")
 
     @field_validator("target_mix")
     @classmethod

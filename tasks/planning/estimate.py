@@ -10,7 +10,7 @@ written beside the code that allocates them:
   the output);
 - a block solve holds the block in float32, its inputs (and then its outputs) unless they are offloaded to the
   host, H in float64 for every group of the stage (and the cross Gram beside it with dense targets), and the
-  largest layer's solver workspace;
+  largest layer's solver workspace; block refinement adds its target output and the optimiser's state;
 - time is flops over the measured matmul rate (forwards, X^T X, the solver's iterations) plus ALPS's float64
   eigendecompositions at the measured eigh rate. ALPS's iteration count depends on the problem; the plan uses
   the counts typical of the bundled model's layers (stated below), so its times are estimates.
@@ -164,9 +164,20 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     resident = 0.0 if offloaded and on_gpu else boundary  # the inputs on the device
     solve_peak = block32 + resident + held_grams + workspace + batch_activations
     output_peak = block32 + 2 * resident + batch_activations + block_stored  # outputs beside the saved tensors
+    refine_target = 0.0
+    if solver.refine.method != "none":
+        # Block refinement holds the block's target output where its inputs are, through the solve, the refinement
+        # and the outputs; while it refines, the gradients and Adam's two moments of every linear weight in
+        # float32, and one step's windows kept for the backward (about twice one forward's intermediates).
+        refine_target = stream
+        step_activations = 2 * solver.refine.batch * seqlen * (6 * shape.hidden + 3 * widest) * 4
+        on_device = 0.0 if offloaded and on_gpu else refine_target
+        refine_peak = block32 + resident + on_device + 3 * shape.linear_params * 4 + step_activations
+        solve_peak = max(solve_peak + on_device, refine_peak)
+        output_peak += on_device
     device_peak = max(solve_peak, output_peak)
     if on_gpu:  # the stored tensors, and the activations in host memory (offloaded) or passing through it
-        host_peak = baseline + block_stored + (2 * boundary if offloaded else boundary)
+        host_peak = baseline + block_stored + (2 * boundary + refine_target if offloaded else boundary)
     else:
         host_peak = baseline + max(solve_peak, output_peak)
     block_seconds = _block_seconds(shape, config, tokens, seqlen, rates)
@@ -219,6 +230,10 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
     if solver.targets == "dense":  # the dense block on the dense inputs: beside the collection, and for its outputs
         passes *= 2
     forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+    if solver.refine.method != "none":
+        # The dense block for the target, the error before, and per epoch a forward and a backward (about twice
+        # a forward) over every window.
+        passes += 2 + 3 * solver.refine.epochs
     flops = passes * forward + sum(gram_matrix_flops(tokens, d) for d in shape.groups.values())
     if solver.targets == "dense":
         flops += sum(2.0 * tokens * d * d for d in shape.groups.values())  # the cross Gram X_p^T X_d, full

@@ -13,7 +13,8 @@ What a run holds:
   ``prune.solver_config.schedule.rho_init`` for the method's full config, ``eval.limit``);
 - metrics with steps: ``layer/rel_error``, ``layer/rel_error_before_backsolve``, ``layer/sparsity``,
   ``layer/iterations`` (step = global layer index, blocks in order) and ``block/mean_rel_error``,
-  ``block/seconds`` (step = block index);
+  ``block/seconds``, with block refinement ``block/refine_error_before`` and ``block/refine_error_after``, with
+  a sparsity allocation ``block/allocated_sparsity`` and ``block/outlier_ratio`` (step = block index);
 - final metrics: ``prune/mean_rel_error``, ``prune/seconds``, ``ppl/<dataset>``, ``acc/<task>``,
   ``<task>/<metric>`` (every lm-eval metric), ``eval/seconds``, ``eval/zero_shot_seconds``;
 - artifacts: ``prune_report.json``, ``sparsity_manifest.json``, ``plots/layer_error.png``,
@@ -480,6 +481,11 @@ def log_prune_report(run_id: str | None, report: Mapping[str, Any]) -> None:
         errors = [layer["rel_error"] for layer in block["layers"]]
         rows += [("block/mean_rel_error", sum(errors) / max(len(errors), 1), block["index"]),
                  ("block/seconds", block["seconds"], block["index"])]
+        refinement = block.get("refinement")
+        if refinement:  # the block's relative output error before and after block refinement
+            rows.append(("block/refine_error_before", refinement["error_before"], block["index"]))
+            if refinement.get("error_after") is not None:
+                rows.append(("block/refine_error_after", refinement["error_after"], block["index"]))
     allocation = report.get("allocation")
     if allocation:  # how the sparsity was spread over the blocks (each layer's is layer/sparsity)
         rows += [("block/allocated_sparsity", value, index) for index, value in enumerate(allocation["block_sparsity"])]

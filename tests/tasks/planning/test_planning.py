@@ -27,7 +27,7 @@ LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28
 def config(**settings) -> PruneConfig:
     sections = {"nsamples": "calibration", "seqlen": "calibration", "activation_dtype": "calibration",
                 "keep_every": "runtime", "keep_activations": "runtime", "offload_activations": "runtime",
-                "batch_size": "runtime", "true_sequential": "solver", "method": "solver"}
+                "batch_size": "runtime", "true_sequential": "solver", "method": "solver", "refine": "solver"}
     settings.setdefault("activation_dtype", "float32")  # the hand-checked sizes below are float32's
     nested: dict = {}
     for name, value in settings.items():
@@ -96,6 +96,24 @@ def test_scratch_is_a_few_boundaries_whatever_the_depth(tmp_path):
     # The device's peak is the solve (the inputs beside every H); the outputs come once the Hs are freed.
     assert plan.device_memory - offloaded.device_memory == pytest.approx(boundary)
     assert plan.pruned_weights == 80 * shape.block_params * 2
+
+
+def test_block_refinement_holds_its_target_and_adds_its_passes(tmp_path):
+    """Refinement keeps the block's target output (one stream) where the inputs are, and costs per epoch a forward
+    and a backward (3 forwards) over every window plus two forwards (the target and the error before)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    plain = plan_resources("70b", shape, config(nsamples=128, seqlen=2048), 2048, RATES, "cuda", baseline=0)
+    refined = {epochs: plan_resources("70b", shape, config(nsamples=128, seqlen=2048, refine={
+        "method": "adam", "epochs": epochs}), 2048, RATES, "cuda", baseline=0) for epochs in (1, 3)}
+    stream = 128 * 2048 * 8192 * 4
+    assert refined[1].device_memory - plain.device_memory == pytest.approx(stream)  # the solve's peak, plus it
+    assert refined[1].activations == plain.activations  # nothing more on disk
+    tokens = 128 * 2048
+    forward = (2.0 * tokens * shape.linear_params + 2.0 * tokens * 2048 * shape.attention_width) / 100e9
+    assert refined[1].block_seconds - plain.block_seconds == pytest.approx(5 * forward)
+    assert refined[3].block_seconds - refined[1].block_seconds == pytest.approx(6 * forward)
 
 
 def test_what_does_not_fit_names_the_numbers_and_the_fixes(tmp_path):
