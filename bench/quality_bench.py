@@ -147,6 +147,8 @@ def main() -> None:
         if changed:
             raise SystemExit(f"--resume: {output} was made with other {changed}; use another --output")
         record["runs"] = previous["runs"]
+        for key in ("patterns", "variants"):  # the file covers the earlier invocations' rows as well
+            settings[key] = list(dict.fromkeys(previous["settings"][key] + settings[key]))
     done = {(row["pattern"], row["variant"]) for row in record["runs"]}
 
     def save() -> None:
