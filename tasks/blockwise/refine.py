@@ -62,14 +62,12 @@ def refine_block(block: nn.Module, inputs: BlockInputs, target: torch.Tensor, sp
     weights = [m.weight for m in linears]
     masks = [w.detach() != 0 for w in weights]  # the solver's supports
     trainable = {id(w) for w in weights}
-    frozen = [p for p in block.parameters() if id(p) not in trainable and p.requires_grad]
+    flags = [(p, p.requires_grad) for p in block.parameters()]  # restored afterwards
     with torch.no_grad():
         error_before = output_error(run_block(block, inputs, batch_size), target)
     scale = float(target.to(torch.float64).square().mean())  # so that the loss is the relative error
-    for p in frozen:
-        p.requires_grad_(False)
-    for w in weights:
-        w.requires_grad_(True)
+    for p, _ in flags:
+        p.requires_grad_(id(p) in trainable)  # only the linear weights learn; norms and biases stay
     kwargs = _trackable(inputs.kwargs)
     optimiser = torch.optim.Adam(weights, lr=spec.lr)
     generator = torch.Generator().manual_seed(seed)
@@ -93,11 +91,9 @@ def refine_block(block: nn.Module, inputs: BlockInputs, target: torch.Tensor, sp
                     steps += 1
                 logger.debug("refine: epoch %d of %d, last loss %.5f", epoch + 1, spec.epochs, float(loss.detach()))
     finally:
-        for w in weights:
-            w.requires_grad_(False)
-            w.grad = None
-        for p in frozen:
-            p.requires_grad_(True)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+            p.grad = None
     return RefinementRecord(error_before=error_before, steps=steps, seconds=time.perf_counter() - started)
 
 

@@ -44,6 +44,7 @@ def test_refinement_lowers_the_block_error_with_the_masks_fixed(pruned_block):
     others_before = {n: p.detach().clone() for n, p in block.named_parameters() if not n.endswith("proj.weight")
                      and not n.endswith(("fc1.weight", "fc2.weight"))}
     weights_before = _linear_weights(block)
+    flags_before = [p.requires_grad for p in block.parameters()]
     spec = RefineSpec(method="adam", epochs=20, lr=1e-3, batch=2)
     record = refine_block(block, inputs, target, spec, seed=0, batch_size=4)
     after = output_error(run_block(block, inputs, 4), target)
@@ -59,6 +60,7 @@ def test_refinement_lowers_the_block_error_with_the_masks_fixed(pruned_block):
         if name in others_before:
             assert torch.equal(parameter, others_before[name]), name  # norms and biases untouched
         assert parameter.grad is None
+    assert [p.requires_grad for p in block.parameters()] == flags_before
     assert torch.equal(inputs.hidden, hidden_before)
 
 
