@@ -78,11 +78,10 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
         torch.cuda.reset_peak_memory_stats(device)
     block, block_inputs, prefix = _load_block(model, index, inputs, runtime, device)
     dense_outputs = _dense_outputs(block, block_inputs, solver.targets, runtime.batch_size)  # before any pruning
-    refining = solver.refine.method != "none"
-    # Block refinement's target, from the dense block on this block's inputs (mixed with the dense outputs for
-    # dense targets).
-    target = (refinement_target(run_block(block, block_inputs, runtime.batch_size), dense_outputs, solver.target_mix)
-              if refining else None)
+    target = None
+    if solver.refine.method != "none":  # its target: the dense block on these inputs (mixed for dense targets)
+        target = refinement_target(run_block(block, block_inputs, runtime.batch_size), dense_outputs,
+                                   solver.target_mix)
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage,
                            sparsities=sparsities)
     refinement = None

@@ -108,8 +108,8 @@ class RefineSpec(_Settings):
 
     @model_validator(mode="after")
     def _settings_need_a_method(self) -> RefineSpec:
-        defaults = {"epochs": REFINE_EPOCHS, "lr": REFINE_LR, "batch": REFINE_BATCH}
-        changed = [name for name, value in defaults.items() if getattr(self, name) != value]
+        fields = type(self).model_fields
+        changed = [name for name in ("epochs", "lr", "batch") if getattr(self, name) != fields[name].default]
         if self.method == "none" and changed:
             raise ValueError(f"refine {', '.join(changed)} given without a refinement method: add method 'adam' "
                              "(--refine adam), or leave them out")

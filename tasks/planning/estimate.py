@@ -144,7 +144,8 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     # One batch through a block: the residual stream, attention's q/k/v/output and the MLP's widest
     # intermediates (gate, up and their product), in float32.
     widest = max(layer.d_out for layer in shape.linears)
-    batch_activations = batch_tokens * (6 * shape.hidden + 3 * widest) * 4
+    per_token = (6 * shape.hidden + 3 * widest) * 4
+    batch_activations = batch_tokens * per_token
 
     # Calibration: the stem in float32 (embeddings, norm, lm_head and one placeholder block per layer type),
     # the stored tensors it is read from, and the captured hidden states (twice while they are concatenated).
@@ -170,7 +171,7 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         # and the outputs; while it refines, the gradients and Adam's two moments of every linear weight in
         # float32, and one step's windows kept for the backward (about twice one forward's intermediates).
         refine_target = stream
-        step_activations = 2 * solver.refine.batch * seqlen * (6 * shape.hidden + 3 * widest) * 4
+        step_activations = 2 * solver.refine.batch * seqlen * per_token
         on_device = 0.0 if offloaded and on_gpu else refine_target
         refine_peak = block32 + resident + on_device + 3 * shape.linear_params * 4 + step_activations
         solve_peak = max(solve_peak + on_device, refine_peak)
