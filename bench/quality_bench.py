@@ -17,7 +17,7 @@ Each run is a fresh ``alps prune`` process on an empty cache, timed (wall second
 from the comparison's results file, which must have been made on the same calibration windows (their sha256 is
 checked) and evaluation windows; plain ``alps`` is measured again here, so every option's wall time has a
 baseline from the same session. Results go to a JSON file after every run (``--resume`` continues it) and a
-markdown table beside it.
+markdown table beside it. ``--keep-models`` keeps the pruned folders under ``--work`` for bench/eval_bench.py.
 
     python bench/quality_bench.py --data-dir ../shared/data --patterns 0.7 \\
         --variants alps alps+dense alps+refine alps+dense+refine alps+owl sparsegpt+owl wanda+owl
@@ -119,9 +119,13 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the models and caches (default: temporary)")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "quality_bench.json"))
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --output, run the rest")
+    parser.add_argument("--keep-models", action="store_true", help="keep each pruned folder under --work (for "
+                        "bench/eval_bench.py); by default a folder is deleted once it is evaluated")
     args = parser.parse_args()
     if args.data_dir:
         args.data_dir = str(Path(args.data_dir).resolve())
+    if args.keep_models and args.work is None:
+        raise SystemExit("--keep-models keeps the pruned folders under --work: give --work FOLDER")
     for variant in args.variants:
         variant_options(variant)  # a misspelt variant stops the run before any work
 
@@ -177,7 +181,8 @@ def main() -> None:
                 row[f"{eval_set}_ratio"] = row[key] / theirs[key] if theirs else None
             record["runs"].append(row)
             save()
-            shutil.rmtree(folder, ignore_errors=True)
+            if not args.keep_models:
+                shutil.rmtree(folder, ignore_errors=True)
             print(f"{pattern:>4} {variant:22s} " + "  ".join(
                 f"{EVAL_NAMES[s]} {row[f'{s}_ppl']:9.3f} ({row[f'{s}_ratio'] or 0:.3f}x)" for s in EVAL_SETS)
                 + f"  sparsity {row['sparsity']:.4f}  wall {seconds:5.0f} s", flush=True)
