@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from alps_solver import LayerProblem, SparsityPattern
 
 from .blockwise import steps
-from .blockwise.allocation import Allocation, allocate_sparsity, measure_outliers
+from .blockwise.allocation import Allocation, allocate_sparsity, measure_blocks
 from .blockwise.chain import BlockChain, Link, is_kept, plan_chain, run_keys
 from .blockwise.export import release_activations as delete_activations
 from .blockwise.export import saved_earlier, write_pruned_model
@@ -137,8 +137,8 @@ def calibrate(link: Link, model: PreparedModel, config: PruneConfig, seqlen: int
 @task(name="allocate-sparsity", persist_result=True, cache_key_fn=key_parameter)
 def measure_allocation(key: str, model: PreparedModel, calibration: CalibrationResult,
                        config: PruneConfig) -> Allocation:
-    """The sparsity allocation: the dense model run over the calibration inputs for the blocks' outlier ratios,
-    then every layer's sparsity."""
+    """The sparsity allocation: the dense model run over the calibration inputs for what the method reads (the
+    blocks' outlier ratios, or the layers' errors against sparsity), then every layer's sparsity."""
     _use_threads(config.runtime.threads)
     started = time.perf_counter()
     spec, runtime = config.solver.allocation, config.runtime
@@ -146,9 +146,10 @@ def measure_allocation(key: str, model: PreparedModel, calibration: CalibrationR
     def progress(index: int, seconds: float) -> None:
         run_logger(logger).info("allocation: block %02d measured in %.1f s", index, seconds)
 
-    outliers = measure_outliers(model, calibration.inputs, spec, device=runtime.device,
-                                batch_size=runtime.batch_size, offload=runtime.offload_activations, progress=progress)
-    allocation = allocate_sparsity(key, spec, config.solver.pattern.sparsity, outliers)
+    target = config.solver.pattern.sparsity
+    measured = measure_blocks(model, calibration.inputs, spec, target, device=runtime.device,
+                              batch_size=runtime.batch_size, offload=runtime.offload_activations, progress=progress)
+    allocation = allocate_sparsity(key, spec, target, measured)
     allocation = allocation.model_copy(update={"seconds": time.perf_counter() - started})
     spread = allocation.block_sparsity
     run_logger(logger).info("allocation %s: block sparsities %.3f to %.3f, overall %.6f (target %s), in %.1f s",

@@ -55,7 +55,8 @@ FLAGS = {
     "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets",
     "solver.target_mix": "--target-mix", "solver.allocation": "--allocation",
     "solver.allocation.method": "--allocation", "solver.allocation.spread": "--allocation-spread",
-    "solver.allocation.outlier_threshold": "--owl-threshold", "solver.allocation.min_sparsity": "--sparsity-bounds",
+    "solver.allocation.outlier_threshold": "--owl-threshold",
+    "solver.allocation.granularity": "--allocation-granularity", "solver.allocation.min_sparsity": "--sparsity-bounds",
     "solver.allocation.max_sparsity": "--sparsity-bounds", "solver.refine": "--refine",
     "solver.refine.method": "--refine", "solver.refine.epochs": "--refine-epochs", "solver.refine.lr": "--refine-lr",
     "solver.refine.batch": "--refine-batch", "calibration.dataset": "--calib",
@@ -104,11 +105,15 @@ def prune_command(
     targets: TargetsOption = DEFAULT.solver.targets,
     target_mix: TargetMixOption = DEFAULT.solver.target_mix,
     allocation: Annotated[str, typer.Option("--allocation", help="How the sparsity is spread over the blocks: "
-                                            "uniform, or owl (blocks with more outlier weights keep more; the "
-                                            "overall sparsity stays the target).")] = ALLOCATION.method,
-    allocation_spread: Annotated[str, typer.Option("--allocation-spread", metavar="FLOAT", help="OWL's lambda: "
-                                                   "block sparsities within about this much of the target.")]
+                                            "uniform, owl (blocks with more outlier weights keep more) or error "
+                                            "(where the dense model's layers lose least); the overall sparsity "
+                                            "stays the target.")] = ALLOCATION.method,
+    allocation_spread: Annotated[str, typer.Option("--allocation-spread", metavar="FLOAT", help="lambda: layer "
+                                                   "sparsities within about this much of the target.")]
     = ALLOCATION.spread,
+    allocation_granularity: Annotated[str, typer.Option("--allocation-granularity", help="What the error "
+                                                        "allocation gives a sparsity of its own: layer or block.")]
+    = ALLOCATION.granularity,
     owl_threshold: Annotated[str, typer.Option("--owl-threshold", metavar="FLOAT", help="OWL's M: outliers are "
                                                "scores |W| ||x|| above M times their block's mean.")]
     = ALLOCATION.outlier_threshold,
@@ -169,7 +174,8 @@ def prune_command(
                    "true_sequential": true_sequential,
                    "gram_dtype": gram_dtype, "targets": targets, "target_mix": target_mix,
                    "allocation": {"method": allocation, "spread": allocation_spread,
-                                  "outlier_threshold": owl_threshold, **_bounds(sparsity_bounds)},
+                                  "outlier_threshold": owl_threshold, "granularity": allocation_granularity,
+                                  **_bounds(sparsity_bounds)},
                    "refine": {"method": refine, "epochs": refine_epochs, "lr": refine_lr, "batch": refine_batch},
                    **({"pattern": pattern} if pattern is not None else {}),
                    **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},

@@ -12,12 +12,21 @@ sparsity clip the s_b, and a common shift restores the average (weighted by the 
 Finally every layer gets a whole number of pruned weights, the remainders handed out so that the decoder
 linears hold exactly round(S x their weights) zeros.
 
-The outlier ratios come from one forward pass of the dense model over the calibration inputs, block by
-block (``measure_outliers``); the rest is arithmetic on them (``allocate_sparsity``).
+Error-driven allocation measures instead what pruning costs each layer: on the dense model's calibration
+inputs, the relative error ||X(W_hat - W)^T||^2 / ||X W^T||^2 of SparseGPT (one OBS pass, far cheaper than
+ALPS and ranking layers alike) at a few sparsities spanning the target +- lambda (within the bounds). On
+those curves, linearly interpolated and made non-decreasing, sparsity is handed out greedily in small steps,
+each to the unit (a layer, or a whole block) whose error rises least per weight pruned, until the decoder
+linears hold the target's zeros: the minimum of the summed relative errors when the curves are convex.
+Every layer can so get its own sparsity (attention and MLP differ most), or every block one of its own.
+
+The measurements come from one forward pass of the dense model over the calibration inputs, block by block
+(``measure_blocks``); the rest is arithmetic on them (``allocate_sparsity``).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 import time
@@ -30,26 +39,36 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 from transformers import AutoConfig
 
+from alps_solver import SparsityPattern
+from alps_solver.methods import solve
+from alps_solver.problem import GramCache
+
 from ..config.prune import AllocationSpec
 from ..model.adapters import block_layer_type, build_block
 from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel
-from .capture import load_block_inputs, run_block
+from .capture import BlockInputs, load_block_inputs, run_block
+from .gram import collect_layer_problems, discover_groups
 from .records import FileRecord
 
-__all__ = ["Allocation", "BlockOutliers", "allocate_sparsity", "block_sparsities", "exact_layer_sparsities",
-           "measure_outliers", "outlier_ratio"]
+__all__ = ["Allocation", "BlockMeasurement", "allocate_sparsity", "block_sparsities", "curve_at", "error_grid",
+           "error_sparsities", "exact_layer_sparsities", "measure_blocks", "outlier_ratio"]
 
 logger = logging.getLogger(__name__)
 
+ERROR_POINTS = 5  # sparsities at which each layer's error is measured, spanning target +- lambda
+ERROR_STEPS = 64  # steps of the greedy hand-out across that span (the curves are interpolated between points)
 
-class BlockOutliers(BaseModel):
-    """One block's linear layers (name -> [d_out, d_in]) and its outlier ratio on the dense model."""
+
+class BlockMeasurement(BaseModel):
+    """One block's linear layers (name -> [d_out, d_in]) and what the allocation measured of it on the dense
+    model: OWL's outlier ratio, or each layer's relative error at the error grid's sparsities."""
 
     model_config = ConfigDict(frozen=True)
 
     shapes: dict[str, list[int]]
-    outlier_ratio: float
+    outlier_ratio: float = 0.0
+    errors: dict[str, list[float]] = {}
 
 
 class Allocation(BaseModel):
@@ -60,11 +79,13 @@ class Allocation(BaseModel):
     key: str  # the cache key it was computed under
     method: str
     target: float
-    outlier_ratios: list[float]  # per block (OWL's D_b); empty for uniform
-    block_sparsity: list[float]  # per block, before the rounding to whole weights
+    outlier_ratios: list[float]  # per block (OWL's D_b); empty otherwise
+    block_sparsity: list[float]  # per block (its layers' weighted mean), before the rounding to whole weights
     layers: list[dict[str, float]]  # per block: layer name -> its sparsity (a whole number of weights)
     shapes: list[dict[str, list[int]]]  # per block: layer name -> [d_out, d_in]
-    seconds: float = 0.0  # measuring the outlier ratios
+    error_grid: list[float] = []  # error allocation: the sparsities each layer's error was measured at
+    layer_errors: list[dict[str, list[float]]] = []  # per block: layer name -> its relative error at error_grid
+    seconds: float = 0.0  # measuring on the dense model
 
     @property
     def achieved(self) -> float:
@@ -115,14 +136,14 @@ def _clipped_to_average(values: Sequence[float], sizes: Sequence[int], target: f
     return [min(max(v + shift, low), high) for v in values]
 
 
-def exact_layer_sparsities(blocks: Sequence[float], shapes: Sequence[dict[str, list[int]]],
+def exact_layer_sparsities(sparsities: Sequence[dict[str, float]], shapes: Sequence[dict[str, list[int]]],
                            target: float) -> list[dict[str, float]]:
-    """Each layer's sparsity as a whole number of pruned weights: its block's sparsity, rounded so that the
-    decoder linears hold exactly round(target x weights) zeros (largest remainders first, every layer keeping
-    at least one weight)."""
+    """Each layer's sparsity as a whole number of pruned weights: its sparsity in ``sparsities`` (per block,
+    layer name -> sparsity), rounded so that the decoder linears hold exactly round(target x weights) zeros
+    (largest remainders first, every layer keeping at least one weight)."""
     sizes = [(b, name, math.prod(shape)) for b, layers in enumerate(shapes) for name, shape in layers.items()]
     wanted = round(target * sum(size for _, _, size in sizes))
-    exact = [blocks[b] * size for b, _, size in sizes]
+    exact = [sparsities[b][name] * size for b, name, size in sizes]
     zeros = [min(math.floor(value), size - 1) for value, (_, _, size) in zip(exact, sizes)]
     short = wanted - sum(zeros)
     order = sorted(range(len(sizes)), key=lambda i: exact[i] - zeros[i], reverse=short > 0)
@@ -145,50 +166,144 @@ def exact_layer_sparsities(blocks: Sequence[float], shapes: Sequence[dict[str, l
     return result
 
 
+def error_grid(spec: AllocationSpec, target: float) -> list[float]:
+    """The sparsities at which the error allocation measures each layer: target +- lambda, within the bounds."""
+    low, high = max(target - spec.spread, spec.min_sparsity), min(target + spec.spread, spec.max_sparsity)
+    if high <= low:
+        return [target]
+    return [low + (high - low) * i / (ERROR_POINTS - 1) for i in range(ERROR_POINTS)]
+
+
+def error_sparsities(curves: Sequence[Sequence[float]], sizes: Sequence[int], grid: Sequence[float],
+                     target: float, steps: int = ERROR_STEPS) -> list[float]:
+    """Each unit's sparsity (in [grid[0], grid[-1]]) so that the ``sizes``-weighted mean reaches ``target``:
+    starting all at grid[0], each of ``steps`` equal steps of sparsity goes to the unit whose error (its
+    ``curves`` at ``grid``, interpolated linearly) rises least per weight it prunes."""
+    if len(grid) == 1:
+        return [grid[0]] * len(curves)
+    low, high = grid[0], grid[-1]
+    fine = [low + (high - low) * i / steps for i in range(steps + 1)]
+    levels = []
+    for curve in curves:
+        values = [float(v) for v in torch.tensor(list(curve), dtype=torch.float64).cummax(0).values]
+        levels.append([curve_at(grid, values, s) for s in fine])
+    step = (high - low) / steps
+    missing = (target - low) * sum(sizes)  # zeros still to hand out
+    at = [0] * len(curves)
+    heap = [((levels[u][1] - levels[u][0]) / sizes[u], u) for u in range(len(curves))]
+    heapq.heapify(heap)
+    while missing > 1e-9 * sum(sizes) and heap:
+        _, u = heapq.heappop(heap)
+        at[u] += 1
+        missing -= sizes[u] * step
+        if at[u] < steps:
+            heapq.heappush(heap, ((levels[u][at[u] + 1] - levels[u][at[u]]) / sizes[u], u))
+    return [fine[i] for i in at]
+
+
+def curve_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
+    """The piecewise-linear curve through (xs, ys) at ``x`` (xs increasing, x within them)."""
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            share = (x - xs[i - 1]) / (xs[i] - xs[i - 1])
+            return ys[i - 1] + share * (ys[i] - ys[i - 1])
+    return ys[-1]
+
+
 def allocate_sparsity(key: str, spec: AllocationSpec, target: float,
-                      outliers: Sequence[BlockOutliers]) -> Allocation:
-    """The allocation of ``target`` over the blocks whose layers and outlier ratios are ``outliers``."""
-    shapes = [block.shapes for block in outliers]
-    sizes = [sum(math.prod(shape) for shape in block.values()) for block in shapes]
+                      measured: Sequence[BlockMeasurement]) -> Allocation:
+    """The allocation of ``target`` over the blocks whose layers and measurements are ``measured``."""
+    shapes = [block.shapes for block in measured]
+    sizes = [{name: math.prod(shape) for name, shape in block.items()} for block in shapes]
+    block_sizes = [sum(layers.values()) for layers in sizes]
+    ratios: list[float] = []
+    grid: list[float] = []
     if spec.method == "uniform":
-        ratios: list[float] = []
-        blocks = [target] * len(shapes)
+        wanted = [{name: target for name in block} for block in shapes]
+    elif spec.method == "owl":
+        ratios = [block.outlier_ratio for block in measured]
+        per_block = block_sparsities(ratios, block_sizes, spec, target)
+        wanted = [{name: value for name in block} for block, value in zip(shapes, per_block)]
     else:
-        ratios = [block.outlier_ratio for block in outliers]
-        blocks = block_sparsities(ratios, sizes, spec, target)
-    layers = exact_layer_sparsities(blocks, shapes, target)
-    return Allocation(key=key, method=spec.method, target=target, outlier_ratios=ratios, block_sparsity=blocks,
-                      layers=layers, shapes=shapes)
+        grid = error_grid(spec, target)
+        wanted = _error_allocation(measured, sizes, grid, spec, target)
+    layers = exact_layer_sparsities(wanted, shapes, target)
+    per_block = [sum(wanted[b][name] * size for name, size in layers_.items()) / block_sizes[b]
+                 for b, layers_ in enumerate(sizes)]
+    return Allocation(key=key, method=spec.method, target=target, outlier_ratios=ratios, block_sparsity=per_block,
+                      layers=layers, shapes=shapes, error_grid=grid,
+                      layer_errors=[block.errors for block in measured] if grid else [])
+
+
+def _error_allocation(measured: Sequence[BlockMeasurement], sizes: Sequence[dict[str, int]], grid: Sequence[float],
+                      spec: AllocationSpec, target: float) -> list[dict[str, float]]:
+    """Per block and layer the error allocation's sparsity, by layer or by block (a block's curve: the sum of its
+    layers')."""
+    if spec.granularity == "layer":
+        units = [(b, name) for b, block in enumerate(sizes) for name in block]
+        found = error_sparsities([measured[b].errors[name] for b, name in units],
+                                 [sizes[b][name] for b, name in units], grid, target)
+        result: list[dict[str, float]] = [{} for _ in sizes]
+        for (b, name), value in zip(units, found):
+            result[b][name] = value
+        return result
+    curves = [[sum(values) for values in zip(*block.errors.values())] for block in measured]
+    found = error_sparsities(curves, [sum(block.values()) for block in sizes], grid, target)
+    return [{name: value for name in block} for block, value in zip(sizes, found)]
 
 
 @torch.inference_mode()
-def measure_outliers(model: PreparedModel, calibration: FileRecord, spec: AllocationSpec, *, device: str,
-                     batch_size: int, offload: bool,
-                     progress: Callable[[int, float], None] | None = None) -> list[BlockOutliers]:
-    """Every block's linear layers and outlier ratio, from the dense model run block by block over the
-    calibration inputs (held in memory: two boundaries at a time, nothing written)."""
+def measure_blocks(model: PreparedModel, calibration: FileRecord, spec: AllocationSpec, target_sparsity: float, *,
+                   device: str, batch_size: int, offload: bool,
+                   progress: Callable[[int, float], None] | None = None) -> list[BlockMeasurement]:
+    """Every block's linear layers and what ``spec``'s method reads of them (outlier ratio or error curves),
+    from the dense model run block by block over the calibration inputs (held in memory: two boundaries at a
+    time, nothing written)."""
     config = AutoConfig.from_pretrained(model.folder)
     target = resolve_device(device)
     inputs = load_block_inputs(calibration.path, target, offload=offload)
+    grid = error_grid(spec, target_sparsity)
     result = []
     for index in range(model.num_layers):
         started = time.perf_counter()
         block = build_block(model.folder, index, torch.float32, target)
         block_inputs = inputs.for_layer_type(block_layer_type(config, index))
-        squares = _InputSquares(block)
-        try:
-            outputs = run_block(block, block_inputs, batch_size)
-        finally:
-            squares.close()
         linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-        scores = [linears[name].weight.abs() * squares.sums[name].sqrt().to(torch.float32)[None, :]
-                  for name in linears]
-        result.append(BlockOutliers(shapes={name: list(m.weight.shape) for name, m in linears.items()},
-                                    outlier_ratio=outlier_ratio(scores, spec.outlier_threshold)))
+        shapes = {name: list(m.weight.shape) for name, m in linears.items()}
+        if spec.method == "error":
+            errors = _error_curves(block, block_inputs, grid, batch_size)
+            outputs = run_block(block, block_inputs, batch_size)
+            result.append(BlockMeasurement(shapes=shapes, errors=errors))
+        else:
+            squares = _InputSquares(block)
+            try:
+                outputs = run_block(block, block_inputs, batch_size)
+            finally:
+                squares.close()
+            scores = [linears[name].weight.abs() * squares.sums[name].sqrt().to(torch.float32)[None, :]
+                      for name in linears]
+            result.append(BlockMeasurement(shapes=shapes,
+                                           outlier_ratio=outlier_ratio(scores, spec.outlier_threshold)))
         inputs = replace(inputs, hidden=outputs)
         if progress is not None:
             progress(index, time.perf_counter() - started)
     return result
+
+
+def _error_curves(block: nn.Module, inputs: BlockInputs, grid: Sequence[float],
+                  batch_size: int) -> dict[str, list[float]]:
+    """Each linear layer's SparseGPT relative error at every sparsity of ``grid`` on ``inputs`` (the layers of a
+    group share H and its factor)."""
+    groups = discover_groups(block, inputs)
+    errors: dict[str, list[float]] = {}
+    for group in groups:  # one group's H at a time: the memory of the solve phase, not of the whole block
+        problems = collect_layer_problems(block, inputs, group, batch_size=batch_size, groups=groups,
+                                          input_stats=False)
+        cache = GramCache()
+        for name in group:
+            errors[name] = [solve(problems[name], SparsityPattern.unstructured(s), "sparsegpt", cache=cache).rel_error
+                            for s in grid]
+    return errors
 
 
 class _InputSquares:

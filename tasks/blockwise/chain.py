@@ -97,6 +97,8 @@ def solver_identity(solver: SolverSpec) -> dict:
         del identity["targets"], identity["target_mix"]  # the mix changes nothing then
     if solver.allocation.method == "uniform":
         del identity["allocation"]  # its other settings change nothing then
+    elif solver.allocation.method != "error":
+        del identity["allocation"]["granularity"]  # only the error allocation reads it
     if solver.refine.method == "none":
         del identity["refine"]
     return {**identity, "config": asdict(solver.solver_config)}

@@ -61,8 +61,10 @@ class AllocationRecord(BaseModel):
 
     method: str
     outlier_ratios: list[float]  # per block, on the dense model (OWL)
-    block_sparsity: list[float]  # per block, before the rounding to whole weights per layer
-    seconds: float  # measuring the outlier ratios
+    block_sparsity: list[float]  # per block (its layers' weighted mean), before the rounding to whole weights
+    seconds: float  # measuring on the dense model
+    error_grid: list[float] = []  # error allocation: the sparsities each layer's error was measured at
+    layer_errors: list[dict[str, list[float]]] = []  # per block: layer -> SparseGPT's relative error at error_grid
 
 
 class PruneReport(BaseModel):
@@ -124,7 +126,8 @@ def build_report(model: PreparedModel, config: PruneConfig, calibration: Calibra
         sparsity=zeros / max(sum(weights), 1),
         allocation=None if allocation is None else AllocationRecord(
             method=allocation.method, outlier_ratios=allocation.outlier_ratios,
-            block_sparsity=allocation.block_sparsity, seconds=allocation.seconds),
+            block_sparsity=allocation.block_sparsity, seconds=allocation.seconds, error_grid=allocation.error_grid,
+            layer_errors=allocation.layer_errors),
         blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers,
                             refinement=b.refinement) for b in blocks],
     )

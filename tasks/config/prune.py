@@ -57,6 +57,9 @@ __all__ = [
 # (bench/quality_bench.py, bench/README.md) fully dense targets (1) overfit the drifted inputs, while a share
 # of about a fifth lowers plain ALPS's perplexity by about a fifth.
 TARGET_MIX = 0.2
+# The error allocation's unit (bench/quality_bench.py at 70%, bench/README.md).
+ALLOCATION_GRANULARITY = "layer"
+
 # Block refinement's defaults (bench/quality_bench.py at 70%, bench/README.md): one epoch at two windows per
 # step takes about a fifth off ALPS's perplexity and adds about two thirds to its run time.
 REFINE_EPOCHS, REFINE_LR, REFINE_BATCH = 1, 2e-4, 2
@@ -76,17 +79,31 @@ class _Settings(BaseModel):
 
 
 class AllocationSpec(_Settings):
-    """How the target sparsity is spread over the blocks: the same everywhere (uniform), or OWL's outlier-weighted
-    allocation (Yin et al. 2023): blocks with more outliers in |W| ||x|| keep more weights. The overall sparsity of
-    the decoder linears is the target either way, to the weight."""
+    """How the target sparsity is spread over the blocks: the same everywhere (uniform), OWL's outlier-weighted
+    allocation (Yin et al. 2023: blocks with more outliers in |W| ||x|| keep more weights), or error-driven
+    (each layer's SparseGPT error against sparsity on the dense model: the sparsity goes where it costs least).
+    The overall sparsity of the decoder linears is the target either way, to the weight."""
 
-    method: Literal["uniform", "owl"] = Field("uniform", description="uniform, or owl (outlier-weighted)")
-    spread: float = Field(0.08, ge=0.0, lt=1.0, description="OWL's lambda: block sparsities lie within about "
-                          "this much of the target, either way")
+    method: Literal["uniform", "owl", "error"] = Field("uniform", description="uniform, owl (outlier-weighted) "
+                                                       "or error (error-driven)")
+    spread: float = Field(0.08, ge=0.0, lt=1.0, description="lambda: the sparsities lie within about this much "
+                          "of the target, either way")
     outlier_threshold: float = Field(5.0, gt=0.0, description="OWL's M: a weight is an outlier when its |W| ||x|| "
                                      "exceeds M times its block's mean")
+    granularity: Literal["layer", "block"] = Field(ALLOCATION_GRANULARITY, description="what the error "
+                                                   "allocation gives a sparsity of its own: each layer, or each "
+                                                   "block (its layers alike)")
     min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the least sparsity any layer may get")
     max_sparsity: float = Field(0.99, gt=0.0, lt=1.0, description="the most sparsity any layer may get")
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity_needs_error(cls, value: str, info: ValidationInfo) -> str:
+        method = info.data.get("method")
+        if method is not None and method != "error" and value != ALLOCATION_GRANULARITY:
+            raise ValueError(f"granularity {value} chooses what the error allocation spreads over, and allocation "
+                             f"{method} does not: add method 'error' (--allocation error), or leave it out")
+        return value
 
     @field_validator("max_sparsity")
     @classmethod

@@ -381,8 +381,8 @@ def test_owl_allocation_spreads_the_sparsity_and_keeps_the_total_exact(prefect_h
     import tasks.prune
 
     measured = []
-    measure = tasks.prune.measure_outliers
-    monkeypatch.setattr(tasks.prune, "measure_outliers", lambda *a, **k: measured.append(1) or measure(*a, **k))
+    measure = tasks.prune.measure_blocks
+    monkeypatch.setattr(tasks.prune, "measure_blocks", lambda *a, **k: measured.append(1) or measure(*a, **k))
     model_dir = save_model(tmp_path / "model", tokenizer, layers=4)
     allocation = {"method": "owl", "spread": 0.1}
     result = prune_model(config_for(model_dir, tmp_path, pattern="0.6", allocation=allocation))
@@ -411,6 +411,49 @@ def test_owl_allocation_spreads_the_sparsity_and_keeps_the_total_exact(prefect_h
                                    output=tmp_path / "other"))
     assert measured == [1]  # the allocation was reused from the cache
     assert other.report.to_json()["allocation"] == record["allocation"]
+
+
+@pytest.mark.parametrize("granularity", ["layer", "block"])
+def test_error_allocation_gives_sparsity_where_the_dense_layers_lose_least(prefect_harness, tokenizer, tmp_path,
+                                                                          granularity):
+    """Error-driven allocation: each layer's SparseGPT error curve on the dense model is in the report, the layers
+    (or the blocks, their layers alike) get sparsities within target +- lambda that differ, the decoder linears
+    hold exactly the target's zeros, and the summed interpolated error is no more than uniform's."""
+    from tasks.blockwise.allocation import curve_at
+
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
+    allocation = {"method": "error", "spread": 0.1, "granularity": granularity}
+    result = prune_model(config_for(model_dir, tmp_path, pattern="0.6", allocation=allocation))
+    record = result.report.to_json()
+    grid = record["allocation"]["error_grid"]
+    assert grid == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    curves = record["allocation"]["layer_errors"]
+    assert len(curves) == 3 and all(len(c) == 7 and all(len(v) == 5 for v in c.values()) for c in curves)
+    assert all(v[0] < v[-1] for c in curves for v in c.values())  # pruning more costs more
+
+    pruned = {n: t for n, t in tensors_of(result.output).items() if is_block_linear(n)}
+    zeros = sum(int((t == 0).sum()) for t in pruned.values())
+    assert zeros == round(0.6 * sum(t.numel() for t in pruned.values()))
+    chosen, uniform, per_block = 0.0, 0.0, []
+    for block in record["blocks"]:
+        sparsities = {}
+        for layer in block["layers"]:
+            name = f"model.layers.{block['index']}.{layer['name']}.weight"
+            got = int((pruned[name] == 0).sum()) / pruned[name].numel()
+            assert got == pytest.approx(layer["target_sparsity"])
+            assert 0.5 - 1e-6 <= layer["target_sparsity"] <= 0.7 + 1e-6
+            sparsities[layer["name"]] = layer["target_sparsity"]
+            curve = curves[block["index"]][layer["name"]]
+            chosen += curve_at(grid, curve, min(max(got, 0.5), 0.7))
+            uniform += curve_at(grid, curve, 0.6)
+        per_block.append(sparsities)
+    spread_within = [max(s.values()) - min(s.values()) for s in per_block]
+    if granularity == "layer":
+        assert max(spread_within) > 0.02
+    else:
+        assert max(spread_within) < 0.01  # alike but for the rounding to whole weights
+        assert sum(record["allocation"]["block_sparsity"]) / 3 == pytest.approx(0.6, abs=1e-3)  # blocks alike in size
+    assert chosen <= uniform * 1.001
 
 
 def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefect_harness, tokenizer, tmp_path):

@@ -10,9 +10,12 @@ import torch
 from pydantic import ValidationError
 
 from tasks.blockwise.allocation import (
-    BlockOutliers,
+    BlockMeasurement,
     allocate_sparsity,
     block_sparsities,
+    curve_at,
+    error_grid,
+    error_sparsities,
     exact_layer_sparsities,
     outlier_ratio,
 )
@@ -53,7 +56,7 @@ def test_blocks_alike_all_get_the_target():
 def test_layer_sparsities_are_whole_weights_adding_up_to_the_target_exactly():
     shapes = [{"q": [7, 13], "down": [13, 29]}, {"q": [7, 13], "down": [13, 29]}, {"q": [7, 13], "down": [13, 29]}]
     blocks = [0.61, 0.7, 0.79]
-    layers = exact_layer_sparsities(blocks, shapes, 0.7)
+    layers = exact_layer_sparsities([{name: s for name in block} for block, s in zip(shapes, blocks)], shapes, 0.7)
     sizes = [math.prod(shape) for block in shapes for shape in block.values()]
     zeros = [layers[b][name] * math.prod(shape) for b, block in enumerate(shapes) for name, shape in block.items()]
     assert all(abs(z - round(z)) < 1e-9 for z in zeros)  # whole weights
@@ -63,8 +66,59 @@ def test_layer_sparsities_are_whole_weights_adding_up_to_the_target_exactly():
             assert abs(layers[b][name] - blocks[b]) * math.prod(shape) <= 1.0 + 1e-9  # within one weight
 
 
+def test_the_error_grid_spans_target_plus_minus_lambda_within_the_bounds():
+    assert error_grid(AllocationSpec(method="error", spread=0.1), 0.6) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    clipped = AllocationSpec(method="error", spread=0.1, max_sparsity=0.62)
+    assert error_grid(clipped, 0.6) == pytest.approx([0.5, 0.53, 0.56, 0.59, 0.62])
+    assert error_grid(AllocationSpec(method="error", spread=0.0), 0.6) == [0.6]
+
+
+def test_sparsity_goes_to_the_unit_that_loses_least_per_weight():
+    # Grid 0.4, 0.5, 0.6; A's error rises by 0.1 per 0.1 of sparsity, B's by 1. Equal sizes: A takes all it can.
+    grid = [0.4, 0.5, 0.6]
+    cheap, dear = [0.0, 0.1, 0.2], [0.0, 1.0, 2.0]
+    assert error_sparsities([cheap, dear], [100, 100], grid, 0.5) == pytest.approx([0.6, 0.4])
+    # A with 100 weights gives at most 20 of the 40 zeros beyond 0.4; B, with 300, the other 20: 0.4 + 20/300.
+    step = 0.2 / 64
+    found = error_sparsities([cheap, dear], [100, 300], grid, 0.5)
+    assert found[0] == pytest.approx(0.6) and abs(found[1] - (0.4 + 20 / 300)) <= step
+    # Per weight, not per unit: B's error per pruned weight is 1 / 1000, A's 0.1 / 10.
+    assert error_sparsities([cheap, dear], [10, 1000], grid, 0.5)[1] > 0.5
+    # A measured curve that dips counts as flat there (pruning more never costs less).
+    assert error_sparsities([[0.0, 0.5, 0.4], dear], [100, 100], grid, 0.5) == pytest.approx([0.6, 0.4])
+
+
+def test_the_error_allocation_never_loses_to_uniform_on_convex_curves():
+    generator = torch.Generator().manual_seed(0)
+    grid = [0.6, 0.65, 0.7, 0.75, 0.8]
+    for _ in range(20):
+        scale = torch.rand(6, generator=generator, dtype=torch.float64) + 0.1
+        power = 1 + 3 * torch.rand(6, generator=generator, dtype=torch.float64)
+        curves = [[float(a * (0.2 + s) ** p) for s in grid] for a, p in zip(scale, power)]
+        sizes = [int(n) for n in torch.randint(50, 500, (6,), generator=generator)]
+        found = error_sparsities(curves, sizes, grid, 0.7)
+        assert sum(n * s for n, s in zip(sizes, found)) / sum(sizes) == pytest.approx(0.7, abs=0.2 / 64)
+        chosen = sum(curve_at(grid, curve, x) for curve, x in zip(curves, found))
+        assert chosen <= sum(curve_at(grid, curve, 0.7) for curve in curves) + 1e-9
+
+
+def test_error_allocation_by_layer_and_by_block():
+    # Block 0: layer a cheap, b dear; block 1: both dear. By layer, a takes the sparsity; by block, block 0 does.
+    grid = [0.4, 0.45, 0.5, 0.55, 0.6]
+    cheap, dear = [0.0, 0.05, 0.1, 0.15, 0.2], [0.0, 0.5, 1.0, 1.5, 2.0]
+    measured = [BlockMeasurement(shapes={"a": [10, 10], "b": [10, 10]}, errors={"a": cheap, "b": dear}),
+                BlockMeasurement(shapes={"a": [10, 10], "b": [10, 10]}, errors={"a": dear, "b": dear})]
+    by_layer = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1), 0.5, measured)
+    assert by_layer.layers[0]["a"] == pytest.approx(0.6) and by_layer.layers[1]["a"] < 0.5
+    assert by_layer.error_grid == pytest.approx(grid) and by_layer.layer_errors[0]["a"] == cheap
+    by_block = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1, granularity="block"), 0.5, measured)
+    assert by_block.layers[0] == pytest.approx({"a": 0.6, "b": 0.6}) and by_block.layers[1] == {"a": 0.4, "b": 0.4}
+    assert by_block.block_sparsity == pytest.approx([0.6, 0.4])
+    assert by_layer.achieved == by_block.achieved == pytest.approx(0.5)
+
+
 def test_uniform_allocation_gives_every_layer_the_target_to_the_weight():
-    outliers = [BlockOutliers(shapes={"a": [3, 5], "b": [5, 7]}, outlier_ratio=0.0) for _ in range(2)]
+    outliers = [BlockMeasurement(shapes={"a": [3, 5], "b": [5, 7]}, outlier_ratio=0.0) for _ in range(2)]
     allocation = allocate_sparsity("k", AllocationSpec(), 0.5, outliers)
     assert allocation.block_sparsity == [0.5, 0.5] and allocation.outlier_ratios == []
     assert allocation.achieved == pytest.approx(round(0.5 * 100) / 100)
@@ -77,6 +131,9 @@ def test_uniform_allocation_gives_every_layer_the_target_to_the_weight():
     ({"allocation": {"method": "owl", "min_sparsity": 0.8, "max_sparsity": 0.6}}, "max_sparsity", "below min"),
     ({"allocation": {"method": "lamp"}}, "allocation.method", "uniform"),
     ({"allocation": {"spread": 1.0}}, "allocation.spread", "less than 1"),
+    ({"allocation": {"method": "owl", "granularity": "block"}}, "allocation.granularity", "add method 'error'"),
+    ({"allocation": {"method": "error", "granularity": "row"}}, "allocation.granularity", "'layer' or 'block'"),
+    ({"allocation": {"method": "error"}, "pattern": "2:4"}, "pattern", "give a fraction"),
 ])
 def test_bad_allocation_settings_are_refused(settings, field, says):
     with pytest.raises(ValidationError) as error:
