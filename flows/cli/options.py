@@ -62,6 +62,13 @@ TargetsOption = Annotated[str, typer.Option(
 TargetMixOption = Annotated[str, typer.Option(
     "--target-mix", metavar="FLOAT", help="With --targets dense, the dense model's share a of each layer's target: "
     "(1 - a) x the layer's own dense output + a x the dense model's (1: the dense model's alone).")]
+AllocationOption = Annotated[str, typer.Option(
+    "--allocation", help="How the sparsity is spread over the blocks: uniform, owl (blocks with more outlier "
+    "weights keep more) or error (where the dense model's layers lose least); the overall sparsity stays the "
+    "target.")]
+AllocationSpreadOption = Annotated[str, typer.Option(
+    "--allocation-spread", metavar="FLOAT", help="lambda: the allocated sparsities lie within about this much of "
+    "the target.")]
 RefineOption = Annotated[str, typer.Option(
     "--refine", help="Block refinement after each block's layers are solved: none, or adam (the kept weights tuned "
     "together, masks fixed, toward the dense block's output).")]

@@ -22,6 +22,8 @@ from tasks.config.validation import spelled_as, validated
 from .base import app, console, reports_user_errors
 from .options import (
     ActivationDtypeOption,
+    AllocationOption,
+    AllocationSpreadOption,
     BatchSizeOption,
     CacheDirOption,
     DeviceOption,
@@ -59,6 +61,8 @@ def plan_command(
     true_sequential: Annotated[bool, typer.Option("--true-sequential", help="Plan for --true-sequential.")]
     = DEFAULT.solver.true_sequential,
     targets: TargetsOption = DEFAULT.solver.targets,
+    allocation: AllocationOption = DEFAULT.solver.allocation.method,
+    allocation_spread: AllocationSpreadOption = DEFAULT.solver.allocation.spread,
     refine: RefineOption = DEFAULT.solver.refine.method,
     refine_epochs: RefineEpochsOption = DEFAULT.solver.refine.epochs,
     refine_batch: RefineBatchOption = DEFAULT.solver.refine.batch,
@@ -94,6 +98,7 @@ def plan_command(
     settings: dict[str, Any] = {
         "model": model,
         "solver": {"method": method, "true_sequential": true_sequential, "targets": targets,
+                   "allocation": {"method": allocation, "spread": allocation_spread},
                    "refine": {"method": refine, "epochs": refine_epochs, "batch": refine_batch},
                    **({"pattern": pattern} if pattern is not None else {})},
         "calibration": {"nsamples": nsamples, "seqlen": seqlen, "activation_dtype": activation_dtype},

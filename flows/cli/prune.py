@@ -16,6 +16,8 @@ from tasks.config.validation import spelled_as, validated
 from .base import app, console, method_overrides, reports_user_errors, run_flow, split_names, stops_cleanly
 from .options import (
     ActivationDtypeOption,
+    AllocationOption,
+    AllocationSpreadOption,
     BatchSizeOption,
     CacheDirOption,
     CalibrationDatasetOption,
@@ -104,13 +106,8 @@ def prune_command(
     = DEFAULT.solver.gram_dtype,
     targets: TargetsOption = DEFAULT.solver.targets,
     target_mix: TargetMixOption = DEFAULT.solver.target_mix,
-    allocation: Annotated[str, typer.Option("--allocation", help="How the sparsity is spread over the blocks: "
-                                            "uniform, owl (blocks with more outlier weights keep more) or error "
-                                            "(where the dense model's layers lose least); the overall sparsity "
-                                            "stays the target.")] = ALLOCATION.method,
-    allocation_spread: Annotated[str, typer.Option("--allocation-spread", metavar="FLOAT", help="lambda: layer "
-                                                   "sparsities within about this much of the target.")]
-    = ALLOCATION.spread,
+    allocation: AllocationOption = ALLOCATION.method,
+    allocation_spread: AllocationSpreadOption = ALLOCATION.spread,
     allocation_granularity: Annotated[str, typer.Option("--allocation-granularity", help="What the error "
                                                         "allocation gives a sparsity of its own: layer or block.")]
     = ALLOCATION.granularity,

@@ -51,12 +51,11 @@ from .capture import BlockInputs, load_block_inputs, run_block
 from .gram import collect_layer_problems, discover_groups
 from .records import FileRecord
 
-__all__ = ["Allocation", "BlockMeasurement", "allocate_sparsity", "block_sparsities", "curve_at", "error_grid",
+__all__ = ["Allocation", "BlockMeasurement", "allocate_sparsity", "block_sparsities", "curve_at",
            "error_sparsities", "exact_layer_sparsities", "measure_blocks", "outlier_ratio"]
 
 logger = logging.getLogger(__name__)
 
-ERROR_POINTS = 5  # sparsities at which each layer's error is measured, spanning target +- lambda
 ERROR_STEPS = 64  # steps of the greedy hand-out across that span (the curves are interpolated between points)
 
 
@@ -166,14 +165,6 @@ def exact_layer_sparsities(sparsities: Sequence[dict[str, float]], shapes: Seque
     return result
 
 
-def error_grid(spec: AllocationSpec, target: float) -> list[float]:
-    """The sparsities at which the error allocation measures each layer: target +- lambda, within the bounds."""
-    low, high = max(target - spec.spread, spec.min_sparsity), min(target + spec.spread, spec.max_sparsity)
-    if high <= low:
-        return [target]
-    return [low + (high - low) * i / (ERROR_POINTS - 1) for i in range(ERROR_POINTS)]
-
-
 def error_sparsities(curves: Sequence[Sequence[float]], sizes: Sequence[int], grid: Sequence[float],
                      target: float, steps: int = ERROR_STEPS) -> list[float]:
     """Each unit's sparsity (in [grid[0], grid[-1]]) so that the ``sizes``-weighted mean reaches ``target``:
@@ -225,7 +216,7 @@ def allocate_sparsity(key: str, spec: AllocationSpec, target: float,
         per_block = block_sparsities(ratios, block_sizes, spec, target)
         wanted = [{name: value for name in block} for block, value in zip(shapes, per_block)]
     else:
-        grid = error_grid(spec, target)
+        grid = spec.error_grid(target)
         wanted = _error_allocation(measured, sizes, grid, spec, target)
     layers = exact_layer_sparsities(wanted, shapes, target)
     per_block = [sum(wanted[b][name] * size for name, size in layers_.items()) / block_sizes[b]
@@ -262,7 +253,7 @@ def measure_blocks(model: PreparedModel, calibration: FileRecord, spec: Allocati
     config = AutoConfig.from_pretrained(model.folder)
     target = resolve_device(device)
     inputs = load_block_inputs(calibration.path, target, offload=offload)
-    grid = error_grid(spec, target_sparsity)
+    grid = spec.error_grid(target_sparsity)
     result = []
     for index in range(model.num_layers):
         started = time.perf_counter()

@@ -57,8 +57,9 @@ __all__ = [
 # (bench/quality_bench.py, bench/README.md) fully dense targets (1) overfit the drifted inputs, while a share
 # of about a fifth lowers plain ALPS's perplexity by about a fifth.
 TARGET_MIX = 0.2
-# The error allocation's unit (bench/quality_bench.py at 70%, bench/README.md).
-ALLOCATION_GRANULARITY = "layer"
+# The error allocation's unit (bench/quality_bench.py at 70%, bench/README.md), and the sparsities at which it
+# measures each layer's error: this many, spanning target +- lambda.
+ALLOCATION_GRANULARITY, ERROR_POINTS = "layer", 5
 
 # Block refinement's defaults (bench/quality_bench.py at 70%, bench/README.md): one epoch at two windows per
 # step takes about a fifth off ALPS's perplexity and adds about two thirds to its run time.
@@ -95,6 +96,13 @@ class AllocationSpec(_Settings):
                                                    "block (its layers alike)")
     min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the least sparsity any layer may get")
     max_sparsity: float = Field(0.99, gt=0.0, lt=1.0, description="the most sparsity any layer may get")
+
+    def error_grid(self, target: float) -> list[float]:
+        """The sparsities at which the error allocation measures each layer: target +- lambda, within the bounds."""
+        low, high = max(target - self.spread, self.min_sparsity), min(target + self.spread, self.max_sparsity)
+        if high <= low:
+            return [target]
+        return [low + (high - low) * i / (ERROR_POINTS - 1) for i in range(ERROR_POINTS)]
 
     @field_validator("granularity")
     @classmethod

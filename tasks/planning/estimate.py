@@ -197,6 +197,10 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         device=0.0 if on_gpu else save_host,
         seconds=2 * shape.model_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{shape.model_bytes / GB:.2f} GB written")
 
+    phases = (calibration, blocks, save)
+    if solver.allocation.method != "uniform":
+        phases = (calibration, _allocation_phase(shape, config, tokens, seqlen, rates, stream,
+                                                 block32 + batch_activations, baseline, on_gpu), blocks, save)
     method = solver.method
     assumptions = [f"rates {rates.source}: {rates.matmul_gflops:.0f} GFLOP/s float32 matmul, "
                    f"{rates.eigh_seconds:.1f} s per float64 eigendecomposition of 4096"]
@@ -205,8 +209,32 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         assumptions.append(f"{method}: {iterations} ADMM iterations and {updates} rho updates per layer (typical "
                            "of the bundled model; the real count depends on the layer)")
     return ResourcePlan(model=model, device=device, shape=shape, boundary=boundary, boundaries_on_disk=boundaries,
-                        output=shape.model_bytes, block_seconds=block_seconds, phases=(calibration, blocks, save),
+                        output=shape.model_bytes, block_seconds=block_seconds, phases=phases,
                         rates=rates, assumptions=tuple(assumptions))
+
+
+def _allocation_phase(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: int, rates: MachineRates,
+                      stream: float, block_peak: float, baseline: float, on_gpu: bool) -> PhaseEstimate:
+    """The dense model run block by block for the allocation, its boundaries in memory (inputs and outputs):
+    OWL's one forward per block, or the error allocation's Gram collection (one partial pass per group), one
+    group's H at a time and SparseGPT at every point of the error grid."""
+    spec = config.solver.allocation
+    forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+    if spec.method == "error":
+        points = len(spec.error_grid(config.solver.pattern.sparsity))
+        flops = ((len(shape.groups) + 1) / 2 + 1) * forward
+        flops += sum(gram_matrix_flops(tokens, d) + 1.5 * float(d) ** 3 for d in shape.groups.values())
+        flops += points * sum(float(layer.d_out) * layer.d_in ** 2 for layer in shape.linears)
+        solve = max(8.0 * d * d for d in shape.groups.values()) + max(
+            _workspace("sparsegpt", layer.d_out, layer.d_in) for layer in shape.linears)
+        detail = f"{points} SparseGPT solves per layer on the dense model"
+    else:
+        flops, solve, detail = forward, 0.0, "one dense forward per block for the outlier ratios"
+    load = shape.block_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND
+    device = block_peak + (0.0 if on_gpu and config.runtime.offload_activations else 2 * stream) + solve
+    host = baseline + (device if not on_gpu else 2 * stream + shape.block_params * shape.checkpoint_bytes)
+    return PhaseEstimate("allocation", disk=stream, host=host, device=device if on_gpu else host,
+                         seconds=shape.layers * (rates.matmul(flops) + load), detail=detail)
 
 
 def _workspace(method: str, d_out: int, d_in: int) -> float:

@@ -161,6 +161,8 @@ CASES = [
     ("eval", ["--data-dir", "TMP/nowhere"], "--data-dir", "nowhere", "does not exist"),
     ("plan", ["--pattern", "5:4"], "--pattern", "5:4", "cannot keep 5 of every 4"),
     ("plan", ["--nsamples", "x"], "--nsamples", "x", "whole number"),
+    ("plan", ["--allocation", "lamp"], "--allocation", "lamp", "'uniform', 'owl' or 'error'"),
+    ("plan", ["--allocation", "error", "--pattern", "2:4"], "--pattern", "2:4", "give a fraction"),
     ("plan", ["--model", "TMP/nowhere"], "--model", "nowhere", "not a known model reference"),
     ("ppl", ["--threads", "x"], "--threads", "x", "whole number"),
 ]

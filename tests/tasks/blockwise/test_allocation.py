@@ -14,7 +14,6 @@ from tasks.blockwise.allocation import (
     allocate_sparsity,
     block_sparsities,
     curve_at,
-    error_grid,
     error_sparsities,
     exact_layer_sparsities,
     outlier_ratio,
@@ -67,10 +66,10 @@ def test_layer_sparsities_are_whole_weights_adding_up_to_the_target_exactly():
 
 
 def test_the_error_grid_spans_target_plus_minus_lambda_within_the_bounds():
-    assert error_grid(AllocationSpec(method="error", spread=0.1), 0.6) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    assert AllocationSpec(method="error", spread=0.1).error_grid(0.6) == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
     clipped = AllocationSpec(method="error", spread=0.1, max_sparsity=0.62)
-    assert error_grid(clipped, 0.6) == pytest.approx([0.5, 0.53, 0.56, 0.59, 0.62])
-    assert error_grid(AllocationSpec(method="error", spread=0.0), 0.6) == [0.6]
+    assert clipped.error_grid(0.6) == pytest.approx([0.5, 0.53, 0.56, 0.59, 0.62])
+    assert AllocationSpec(method="error", spread=0.0).error_grid(0.6) == [0.6]
 
 
 def test_sparsity_goes_to_the_unit_that_loses_least_per_weight():

@@ -27,7 +27,8 @@ LLAMA_70B = {"model_type": "llama", "hidden_size": 8192, "intermediate_size": 28
 def config(**settings) -> PruneConfig:
     sections = {"nsamples": "calibration", "seqlen": "calibration", "activation_dtype": "calibration",
                 "keep_every": "runtime", "keep_activations": "runtime", "offload_activations": "runtime",
-                "batch_size": "runtime", "true_sequential": "solver", "method": "solver", "refine": "solver"}
+                "batch_size": "runtime", "true_sequential": "solver", "method": "solver", "refine": "solver",
+                "allocation": "solver"}
     settings.setdefault("activation_dtype", "float32")  # the hand-checked sizes below are float32's
     nested: dict = {}
     for name, value in settings.items():
@@ -114,6 +115,28 @@ def test_block_refinement_holds_its_target_and_adds_its_passes(tmp_path):
     forward = (2.0 * tokens * shape.linear_params + 2.0 * tokens * 2048 * shape.attention_width) / 100e9
     assert refined[1].block_seconds - plain.block_seconds == pytest.approx(5 * forward)
     assert refined[3].block_seconds - refined[1].block_seconds == pytest.approx(6 * forward)
+
+
+def test_an_allocation_adds_its_dense_pass_and_the_error_allocation_its_solves(tmp_path):
+    """OWL and the error allocation run the dense model once more, block by block, before the solves: a phase of
+    their own holding only the calibration inputs on disk; the error allocation's time grows by one SparseGPT
+    update sweep (d_out x d_in^2 flops) per layer for every point of its grid."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    plans = {name: plan_resources("70b", shape, config(nsamples=128, seqlen=2048, allocation=allocation), 2048,
+                                  RATES, "cuda", baseline=0)
+             for name, allocation in (("uniform", {}), ("owl", {"method": "owl"}),
+                                      ("error", {"method": "error"}), ("one point", {"method": "error", "spread": 0}))}
+    assert [p.name for p in plans["uniform"].phases] == ["calibration", "block solve", "save"]
+    assert [p.name for p in plans["owl"].phases] == ["calibration", "allocation", "block solve", "save"]
+    stream = 128 * 2048 * 8192 * 4
+    assert all(plans[name].phases[1].disk == stream for name in ("owl", "error"))
+    assert plans["error"].scratch == plans["uniform"].scratch
+    sweeps = sum(layer.d_out * layer.d_in ** 2 for layer in shape.linears)
+    extra = plans["error"].phases[1].seconds - plans["one point"].phases[1].seconds
+    assert extra == pytest.approx(80 * 4 * sweeps / 100e9)
+    assert plans["error"].seconds > plans["owl"].seconds > plans["uniform"].seconds
 
 
 def test_what_does_not_fit_names_the_numbers_and_the_fixes(tmp_path):
