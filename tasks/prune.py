@@ -66,6 +66,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+ALLOCATION_PARTS = "allocation-parts"  # where a cache folder keeps an unfinished allocation's measured blocks
+
 
 @task(name="prepare-model")
 def prepare_model(reference: str) -> PreparedModel:
@@ -143,14 +145,18 @@ def measure_allocation(key: str, model: PreparedModel, calibration: CalibrationR
     started = time.perf_counter()
     spec, runtime = config.solver.allocation, config.runtime
 
-    def progress(index: int, seconds: float) -> None:
-        run_logger(logger).info("allocation: block %02d measured in %.1f s", index, seconds)
+    def progress(index: int, seconds: float, reused: bool) -> None:
+        done = "kept from a stopped run, run forward" if reused else "measured"
+        run_logger(logger).info("allocation: block %02d %s in %.1f s", index, done, seconds)
 
     target = config.solver.pattern.sparsity
+    parts = runtime.resolved_cache_dir() / ALLOCATION_PARTS / key
     measured = measure_blocks(model, calibration.inputs, spec, target, device=runtime.device,
-                              batch_size=runtime.batch_size, offload=runtime.offload_activations, progress=progress)
+                              batch_size=runtime.batch_size, offload=runtime.offload_activations, parts=parts,
+                              progress=progress)
     allocation = allocate_sparsity(key, spec, target, measured)
     allocation = allocation.model_copy(update={"seconds": time.perf_counter() - started})
+    shutil.rmtree(parts, ignore_errors=True)  # the task's cached result holds them all now
     spread = allocation.block_sparsity
     run_logger(logger).info("allocation %s: block sparsities %.3f to %.3f, overall %.6f (target %s), in %.1f s",
                             spec.method, min(spread), max(spread), allocation.achieved, config.solver.pattern,

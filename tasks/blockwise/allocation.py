@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from alps_solver import SparsityPattern
 from alps_solver.methods import solve
 from alps_solver.problem import GramCache
 
+from ..common.files import atomic_write_json
 from ..config.prune import AllocationSpec
 from ..model.adapters import block_layer_type, build_block
 from ..model.loading import resolve_device
@@ -245,11 +247,13 @@ def _error_allocation(measured: Sequence[BlockMeasurement], sizes: Sequence[dict
 
 @torch.inference_mode()
 def measure_blocks(model: PreparedModel, calibration: FileRecord, spec: AllocationSpec, target_sparsity: float, *,
-                   device: str, batch_size: int, offload: bool,
-                   progress: Callable[[int, float], None] | None = None) -> list[BlockMeasurement]:
+                   device: str, batch_size: int, offload: bool, parts: Path | None = None,
+                   progress: Callable[[int, float, bool], None] | None = None) -> list[BlockMeasurement]:
     """Every block's linear layers and what ``spec``'s method reads of them (outlier ratio or error curves),
     from the dense model run block by block over the calibration inputs (held in memory: two boundaries at a
-    time, nothing written)."""
+    time). With ``parts`` each block's measurement is kept there as it is made, so a run stopped midway
+    measures again only the blocks it had not finished: the blocks before them only run forward.
+    ``progress(index, seconds, reused)`` follows each block."""
     config = AutoConfig.from_pretrained(model.folder)
     target = resolve_device(device)
     inputs = load_block_inputs(calibration.path, target, offload=offload)
@@ -259,26 +263,51 @@ def measure_blocks(model: PreparedModel, calibration: FileRecord, spec: Allocati
         started = time.perf_counter()
         block = build_block(model.folder, index, torch.float32, target)
         block_inputs = inputs.for_layer_type(block_layer_type(config, index))
-        linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
-        shapes = {name: list(m.weight.shape) for name, m in linears.items()}
-        if spec.method == "error":
+        part = None if parts is None else parts / f"block-{index:05d}.json"
+        measured = _read_part(part)
+        reused = measured is not None
+        if measured is not None:
+            outputs = run_block(block, block_inputs, batch_size)
+        elif spec.method == "error":
             errors = _error_curves(block, block_inputs, grid, batch_size)
             outputs = run_block(block, block_inputs, batch_size)
-            result.append(BlockMeasurement(shapes=shapes, errors=errors))
+            measured = BlockMeasurement(shapes=_shapes(block), errors=errors)
         else:
-            squares = _InputSquares(block)
-            try:
-                outputs = run_block(block, block_inputs, batch_size)
-            finally:
-                squares.close()
-            scores = [linears[name].weight.abs() * squares.sums[name].sqrt().to(torch.float32)[None, :]
-                      for name in linears]
-            result.append(BlockMeasurement(shapes=shapes,
-                                           outlier_ratio=outlier_ratio(scores, spec.outlier_threshold)))
+            measured, outputs = _outlier_measurement(block, block_inputs, spec, batch_size)
+        if part is not None and not reused:
+            atomic_write_json(part, measured.model_dump(mode="json"))
+        result.append(measured)
         inputs = replace(inputs, hidden=outputs)
         if progress is not None:
-            progress(index, time.perf_counter() - started)
+            progress(index, time.perf_counter() - started, reused)
     return result
+
+
+def _shapes(block: nn.Module) -> dict[str, list[int]]:
+    return {name: list(m.weight.shape) for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _read_part(path: Path | None) -> BlockMeasurement | None:
+    """A block's measurement kept by an earlier, stopped run (None: none, or one that cannot be read)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        return BlockMeasurement.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _outlier_measurement(block: nn.Module, inputs: BlockInputs, spec: AllocationSpec,
+                         batch_size: int) -> tuple[BlockMeasurement, torch.Tensor]:
+    """OWL's outlier ratio of the block (and its outputs) from one forward that also sums each input's squares."""
+    squares = _InputSquares(block)
+    try:
+        outputs = run_block(block, inputs, batch_size)
+    finally:
+        squares.close()
+    linears = {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+    scores = [linears[name].weight.abs() * squares.sums[name].sqrt().to(torch.float32)[None, :] for name in linears]
+    return BlockMeasurement(shapes=_shapes(block), outlier_ratio=outlier_ratio(scores, spec.outlier_threshold)), outputs
 
 
 def _error_curves(block: nn.Module, inputs: BlockInputs, grid: Sequence[float],

@@ -456,6 +456,40 @@ def test_error_allocation_gives_sparsity_where_the_dense_layers_lose_least(prefe
     assert chosen <= uniform * 1.001
 
 
+def test_a_stopped_allocation_measures_again_only_the_blocks_it_had_not_finished(prefect_harness, tokenizer,
+                                                                                 tmp_path, monkeypatch):
+    """The allocation keeps each block's measurement as it goes: a run stopped while measuring block 1 leaves
+    block 0's, the next run only runs block 0 forward, and the allocation equals an unbroken run's."""
+    import tasks.blockwise.allocation as allocation_module
+
+    model_dir = save_model(tmp_path / "model", tokenizer, layers=3)
+    settings = dict(pattern="0.6", allocation={"method": "error", "spread": 0.1})
+    unbroken = prune_model(config_for(model_dir, tmp_path / "unbroken", **settings)).report.to_json()["allocation"]
+
+    curves, measured = allocation_module._error_curves, []
+
+    def counting(stop: int | None):
+        def measure(block, inputs, grid, batch_size):
+            measured.append(len(measured))
+            if len(measured) == stop:
+                raise RuntimeError("stopped at block 1")
+            return curves(block, inputs, grid, batch_size)
+
+        return measure
+
+    with monkeypatch.context() as patch:
+        patch.setattr(allocation_module, "_error_curves", counting(2))
+        with pytest.raises(RuntimeError, match="block 1"):
+            prune_model(config_for(model_dir, tmp_path, **settings))
+    measured.clear()
+    monkeypatch.setattr(allocation_module, "_error_curves", counting(None))
+    resumed = prune_model(config_for(model_dir, tmp_path, **settings)).report.to_json()["allocation"]
+    assert measured == [0, 1]  # two blocks measured, 1 and 2: block 0 came from its kept part
+    assert {k: v for k, v in resumed.items() if k != "seconds"} == {
+        k: v for k, v in unbroken.items() if k != "seconds"}
+    assert not any((tmp_path / "cache" / "allocation-parts").glob("*/*.json"))  # removed once the result is cached
+
+
 def test_an_fp16_checkpoint_is_solved_in_float32_and_written_back_in_fp16(prefect_harness, tokenizer, tmp_path):
     model_dir = save_model(tmp_path / "model", tokenizer, dtype=torch.float16)
     result = prune_model(config_for(model_dir, tmp_path))
