@@ -27,6 +27,7 @@ The measurements come from one forward pass of the dense model over the calibrat
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import math
 import time
@@ -178,8 +179,8 @@ def error_sparsities(curves: Sequence[Sequence[float]], sizes: Sequence[int], gr
     fine = [low + (high - low) * i / steps for i in range(steps + 1)]
     levels = []
     for curve in curves:
-        values = [float(v) for v in torch.tensor(list(curve), dtype=torch.float64).cummax(0).values]
-        levels.append([curve_at(grid, values, s) for s in fine])
+        rising = list(itertools.accumulate(curve, max))  # pruning more never costs less
+        levels.append([curve_at(grid, rising, s) for s in fine])
     step = (high - low) / steps
     missing = (target - low) * sum(sizes)  # zeros still to hand out
     at = [0] * len(curves)
@@ -221,9 +222,9 @@ def allocate_sparsity(key: str, spec: AllocationSpec, target: float,
         grid = spec.error_grid(target)
         wanted = _error_allocation(measured, sizes, grid, spec, target)
     layers = exact_layer_sparsities(wanted, shapes, target)
-    per_block = [sum(wanted[b][name] * size for name, size in layers_.items()) / block_sizes[b]
-                 for b, layers_ in enumerate(sizes)]
-    return Allocation(key=key, method=spec.method, target=target, outlier_ratios=ratios, block_sparsity=per_block,
+    means = [sum(wanted[b][name] * size for name, size in block.items()) / block_sizes[b]
+             for b, block in enumerate(sizes)]
+    return Allocation(key=key, method=spec.method, target=target, outlier_ratios=ratios, block_sparsity=means,
                       layers=layers, shapes=shapes, error_grid=grid,
                       layer_errors=[block.errors for block in measured] if grid else [])
 
