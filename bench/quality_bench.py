@@ -10,6 +10,7 @@ options, written ``method+option+...``:
     owl          --allocation owl (OWL's lambda 0.08, M 5)
     refine       --refine adam (block refinement at its defaults)
     refine:E     --refine adam --refine-epochs E
+    lr:X         --refine-lr X (beside refine)
     owl:L        --allocation owl --allocation-spread L
     error        --allocation error --allocation-granularity layer (error:L: --allocation-spread L)
     blockerror   --allocation error --allocation-granularity block (blockerror:L likewise)
@@ -55,9 +56,10 @@ from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E40
 COMPARISON = REPO / "bench" / "results" / "compare_llmcompressor.json"
 OPTIONS = {"dense": ["--targets", "dense"], "owl": ["--allocation", "owl"], "refine": ["--refine", "adam"],
            "error": ["--allocation", "error", "--allocation-granularity", "layer"],
-           "blockerror": ["--allocation", "error", "--allocation-granularity", "block"]}
+           "blockerror": ["--allocation", "error", "--allocation-granularity", "block"], "lr": []}
 VALUE_FLAGS = {"dense": "--target-mix", "owl": "--allocation-spread", "refine": "--refine-epochs",
-               "error": "--allocation-spread", "blockerror": "--allocation-spread"}  # option:value
+               "error": "--allocation-spread", "blockerror": "--allocation-spread",
+               "lr": "--refine-lr"}  # option:value
 # The goals, as ratios of perplexity to llm-compressor SparseGPT's, on both evaluation sets.
 GOALS = {"0.7": 0.30, "0.8": 0.15, "2:4": 0.65}
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "seed", "ppl_windows", "threads")
