@@ -150,13 +150,12 @@ def measure_allocation(key: str, model: PreparedModel, calibration: CalibrationR
         run_logger(logger).info("allocation: block %02d %s in %.1f s", index, done, seconds)
 
     target = config.solver.pattern.sparsity
-    parts = runtime.resolved_cache_dir() / ALLOCATION_PARTS / key
+    parts = runtime.resolved_cache_dir() / ALLOCATION_PARTS / key  # removed by ``allocate`` once it is cached
     measured = measure_blocks(model, calibration.inputs, spec, target, device=runtime.device,
                               batch_size=runtime.batch_size, offload=runtime.offload_activations, parts=parts,
                               progress=progress)
     allocation = allocate_sparsity(key, spec, target, measured)
     allocation = allocation.model_copy(update={"seconds": time.perf_counter() - started})
-    shutil.rmtree(parts, ignore_errors=True)  # the task's cached result holds them all now
     spread = allocation.block_sparsity
     run_logger(logger).info("allocation %s: block sparsities %.3f to %.3f, overall %.6f (target %s), in %.1f s",
                             spec.method, min(spread), max(spread), allocation.achieved, config.solver.pattern,
@@ -177,8 +176,10 @@ def allocate(chain: BlockChain, model: PreparedModel, calibration: CalibrationRe
             return cached
         if not calibration.inputs.is_intact():
             calibration = calibrate(Link(calibration.key, "replay"), model, config, calibration.seqlen)
-        return cached_in(measure_allocation, cache_dir, False)(key=chain.allocation, model=model,
-                                                               calibration=calibration, config=config)
+        allocation = cached_in(measure_allocation, cache_dir, False)(key=chain.allocation, model=model,
+                                                                     calibration=calibration, config=config)
+        shutil.rmtree(cache_dir / ALLOCATION_PARTS / chain.allocation, ignore_errors=True)  # the result holds them
+        return allocation
 
 
 # ------------------------------------------------------------------------------------------ blocks
