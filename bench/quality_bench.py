@@ -14,6 +14,7 @@ options, written ``method+option+...``:
     owl:L        --allocation owl --allocation-spread L
     error        --allocation error --allocation-granularity layer (error:L: --allocation-spread L)
     blockerror   --allocation error --allocation-granularity block (blockerror:L likewise)
+    inblockerror --allocation error --allocation-granularity layer-in-block (inblockerror:L likewise)
 
 Each run is a fresh ``alps prune`` process on an empty cache, timed (wall seconds, peak RSS) and evaluated with
 ``alps ppl``. The reference numbers of llm-compressor's SparseGPT (and of our plain methods from that run) come
@@ -56,10 +57,11 @@ from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E40
 COMPARISON = REPO / "bench" / "results" / "compare_llmcompressor.json"
 OPTIONS = {"dense": ["--targets", "dense"], "owl": ["--allocation", "owl"], "refine": ["--refine", "adam"],
            "error": ["--allocation", "error", "--allocation-granularity", "layer"],
-           "blockerror": ["--allocation", "error", "--allocation-granularity", "block"], "lr": []}
+           "blockerror": ["--allocation", "error", "--allocation-granularity", "block"],
+           "inblockerror": ["--allocation", "error", "--allocation-granularity", "layer-in-block"], "lr": []}
 VALUE_FLAGS = {"dense": "--target-mix", "owl": "--allocation-spread", "refine": "--refine-epochs",
                "error": "--allocation-spread", "blockerror": "--allocation-spread",
-               "lr": "--refine-lr"}  # option:value
+               "inblockerror": "--allocation-spread", "lr": "--refine-lr"}  # option:value
 # The goals, as ratios of perplexity to llm-compressor SparseGPT's, on both evaluation sets.
 GOALS = {"0.7": 0.30, "0.8": 0.15, "2:4": 0.65}
 RESULT_SETTINGS = ("model", "calibration", "data_dir", "nsamples", "seqlen", "seed", "ppl_windows", "threads")

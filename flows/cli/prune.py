@@ -109,7 +109,8 @@ def prune_command(
     allocation: AllocationOption = ALLOCATION.method,
     allocation_spread: AllocationSpreadOption = ALLOCATION.spread,
     allocation_granularity: Annotated[str, typer.Option("--allocation-granularity", help="What the error "
-                                                        "allocation gives a sparsity of its own: layer or block.")]
+                                                        "allocation gives a sparsity of its own: layer, block, or "
+                                                        "layer-in-block (every block at the target).")]
     = ALLOCATION.granularity,
     owl_threshold: Annotated[str, typer.Option("--owl-threshold", metavar="FLOAT", help="OWL's M: outliers are "
                                                "scores |W| ||x|| above M times their block's mean.")]

@@ -18,7 +18,8 @@ ALPS and ranking layers alike) at a few sparsities spanning the target +- lambda
 those curves, linearly interpolated and made non-decreasing, sparsity is handed out greedily in small steps,
 each to the unit (a layer, or a whole block) whose error rises least per weight pruned, until the decoder
 linears hold the target's zeros: the minimum of the summed relative errors when the curves are convex.
-Every layer can so get its own sparsity (attention and MLP differ most), or every block one of its own.
+Every layer can so get its own sparsity (attention and MLP differ most), every block one of its own, or
+every layer its own with each block holding the target (the layers of a block share it).
 
 The measurements come from one forward pass of the dense model over the calibration inputs, block by block
 (``measure_blocks``); the rest is arithmetic on them (``allocate_sparsity``).
@@ -233,6 +234,10 @@ def _error_allocation(measured: Sequence[BlockMeasurement], sizes: Sequence[dict
                       spec: AllocationSpec, target: float) -> list[dict[str, float]]:
     """Per block and layer the error allocation's sparsity, by layer or by block (a block's curve: the sum of its
     layers')."""
+    if spec.granularity == "layer-in-block":  # each block's layers share the target among themselves
+        return [dict(zip(block, error_sparsities([measured[b].errors[name] for name in block],
+                                                 list(block.values()), grid, target)))
+                for b, block in enumerate(sizes)]
     if spec.granularity == "layer":
         units = [(b, name) for b, block in enumerate(sizes) for name in block]
         found = error_sparsities([measured[b].errors[name] for b, name in units],

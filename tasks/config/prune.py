@@ -91,9 +91,9 @@ class AllocationSpec(_Settings):
                           "of the target, either way")
     outlier_threshold: float = Field(5.0, gt=0.0, description="OWL's M: a weight is an outlier when its |W| ||x|| "
                                      "exceeds M times its block's mean")
-    granularity: Literal["layer", "block"] = Field(ALLOCATION_GRANULARITY, description="what the error "
-                                                   "allocation gives a sparsity of its own: each layer, or each "
-                                                   "block (its layers alike)")
+    granularity: Literal["layer", "block", "layer-in-block"] = Field(
+        ALLOCATION_GRANULARITY, description="what the error allocation gives a sparsity of its own: each layer, "
+        "each block (its layers alike), or each layer with every block at the target (layer-in-block)")
     min_sparsity: float = Field(0.0, ge=0.0, lt=1.0, description="the least sparsity any layer may get")
     max_sparsity: float = Field(0.99, gt=0.0, lt=1.0, description="the most sparsity any layer may get")
 

@@ -413,7 +413,7 @@ def test_owl_allocation_spreads_the_sparsity_and_keeps_the_total_exact(prefect_h
     assert other.report.to_json()["allocation"] == record["allocation"]
 
 
-@pytest.mark.parametrize("granularity", ["layer", "block"])
+@pytest.mark.parametrize("granularity", ["layer", "block", "layer-in-block"])
 def test_error_allocation_gives_sparsity_where_the_dense_layers_lose_least(prefect_harness, tokenizer, tmp_path,
                                                                           granularity):
     """Error-driven allocation: each layer's SparseGPT error curve on the dense model is in the report, the layers
@@ -448,9 +448,11 @@ def test_error_allocation_gives_sparsity_where_the_dense_layers_lose_least(prefe
             uniform += curve_at(grid, curve, 0.6)
         per_block.append(sparsities)
     spread_within = [max(s.values()) - min(s.values()) for s in per_block]
-    if granularity == "layer":
+    if granularity != "block":
         assert max(spread_within) > 0.02
-    else:
+    if granularity == "layer-in-block":
+        assert record["allocation"]["block_sparsity"] == pytest.approx([0.6] * 3, abs=1e-3)
+    if granularity == "block":
         assert max(spread_within) < 0.01  # alike but for the rounding to whole weights
         assert sum(record["allocation"]["block_sparsity"]) / 3 == pytest.approx(0.6, abs=1e-3)  # blocks alike in size
     assert chosen <= uniform * 1.001

@@ -100,7 +100,7 @@ CASES = [
     ("prune", ["--refine-epochs", "3"], "--refine", "epochs", "--refine adam"),
     ("prune", ["--allocation", "lamp"], "--allocation", "lamp", "'uniform', 'owl' or 'error'"),
     ("prune", ["--allocation-granularity", "row", "--allocation", "error"], "--allocation-granularity", "row",
-     "'layer' or 'block'"),
+     "'layer', 'block' or 'layer-in-block'"),
     ("prune", ["--allocation-granularity", "block"], "--allocation-granularity", "block", "add method 'error'"),
     ("prune", ["--allocation", "owl", "--pattern", "2:4"], "--pattern", "2:4", "give a fraction"),
     ("prune", ["--allocation-spread", "1.5"], "--allocation-spread", "1.5", "less than 1"),

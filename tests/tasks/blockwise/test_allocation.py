@@ -114,6 +114,13 @@ def test_error_allocation_by_layer_and_by_block():
     assert by_block.layers[0] == pytest.approx({"a": 0.6, "b": 0.6}) and by_block.layers[1] == {"a": 0.4, "b": 0.4}
     assert by_block.block_sparsity == pytest.approx([0.6, 0.4])
     assert by_layer.achieved == by_block.achieved == pytest.approx(0.5)
+    # Within each block: a takes block 0's share of the sparsity; block 1's layers, alike and convex, share it.
+    convex = [0.0, 0.2, 0.6, 1.2, 2.0]
+    measured[1] = BlockMeasurement(shapes={"a": [10, 10], "b": [10, 10]}, errors={"a": convex, "b": convex})
+    in_block = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1, granularity="layer-in-block"), 0.5,
+                                 measured)
+    assert in_block.layers == [pytest.approx({"a": 0.6, "b": 0.4}), pytest.approx({"a": 0.5, "b": 0.5})]
+    assert in_block.block_sparsity == pytest.approx([0.5, 0.5])
 
 
 def test_uniform_allocation_gives_every_layer_the_target_to_the_weight():
@@ -131,7 +138,8 @@ def test_uniform_allocation_gives_every_layer_the_target_to_the_weight():
     ({"allocation": {"method": "lamp"}}, "allocation.method", "uniform"),
     ({"allocation": {"spread": 1.0}}, "allocation.spread", "less than 1"),
     ({"allocation": {"method": "owl", "granularity": "block"}}, "allocation.granularity", "add method 'error'"),
-    ({"allocation": {"method": "error", "granularity": "row"}}, "allocation.granularity", "'layer' or 'block'"),
+    ({"allocation": {"method": "error", "granularity": "row"}}, "allocation.granularity",
+     "'layer', 'block' or 'layer-in-block'"),
     ({"allocation": {"method": "error"}, "pattern": "2:4"}, "pattern", "give a fraction"),
 ])
 def test_bad_allocation_settings_are_refused(settings, field, says):
