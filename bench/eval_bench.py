@@ -28,9 +28,14 @@ TASKS = ["piqa", "arc_easy", "arc_challenge", "lambada"]
 PERPLEXITY = ["wikitext2", "ptb", "c4"]
 
 
+def _is_path(reference: str) -> bool:
+    return reference.startswith(("/", ".", "~")) or Path(reference).exists()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", required=True, help="reference=label pairs")
+    parser.add_argument("--models", nargs="+", required=True, help="reference=label pairs (a folder still being "
+                        "written is waited for when given as an absolute or ./ path)")
     parser.add_argument("--data-dir", default=os.environ.get("ALPS_DATA_DIR"))
     parser.add_argument("--limit", type=int, default=100, help="items per zero-shot task")
     parser.add_argument("--max-windows", type=int, default=8, help="perplexity windows of 2048 tokens per set")
@@ -44,7 +49,9 @@ def main() -> None:
     for pair in args.models:
         reference, _, label = pair.partition("=")
         deadline = time.monotonic() + args.wait
-        while not reference.startswith("smollm2") and not (Path(reference) / "prune_report.json").is_file():
+        # A model folder is written whole and renamed into place: once its config.json is there, it is complete.
+        # Anything that is not a path (a bundled model's name, a hub id) is there already.
+        while _is_path(reference) and not (Path(reference) / "config.json").is_file():
             if time.monotonic() > deadline:
                 raise SystemExit(f"{reference} did not appear within {args.wait} s")
             time.sleep(20)
