@@ -13,6 +13,7 @@ options, written ``method+option+...``:
     lr:X         --refine-lr X (beside refine)
     owl:L        --allocation owl --allocation-spread L
     error        --allocation error --allocation-granularity layer (error:L: --allocation-spread L)
+                 (the default granularity is layer-in-block: variant inblockerror)
     blockerror   --allocation error --allocation-granularity block (blockerror:L likewise)
     inblockerror --allocation error --allocation-granularity layer-in-block (inblockerror:L likewise)
 

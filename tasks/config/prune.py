@@ -57,9 +57,11 @@ __all__ = [
 # (bench/quality_bench.py, bench/README.md) fully dense targets (1) overfit the drifted inputs, while a share
 # of about a fifth lowers plain ALPS's perplexity by about a fifth.
 TARGET_MIX = 0.2
-# The error allocation's unit (bench/quality_bench.py at 70%, bench/README.md), and the sparsities at which it
-# measures each layer's error: this many, spanning target +- lambda.
-ALLOCATION_GRANULARITY, ERROR_POINTS = "layer", 5
+# The error allocation's unit: at 70% (bench/quality_bench.py, bench/README.md) each layer's own sparsity with
+# every block at the target took about a fifth off ALPS's WikiText-2 perplexity, free layers 6%, whole blocks
+# made it far worse. And the sparsities at which it measures each layer's error: this many, spanning target
+# +- lambda.
+ALLOCATION_GRANULARITY, ERROR_POINTS = "layer-in-block", 5
 
 # Block refinement's defaults (bench/quality_bench.py at 70%, bench/README.md): one epoch at two windows per
 # step takes about a fifth off ALPS's perplexity and adds about two thirds to its run time.

@@ -107,7 +107,7 @@ def test_error_allocation_by_layer_and_by_block():
     cheap, dear = [0.0, 0.05, 0.1, 0.15, 0.2], [0.0, 0.5, 1.0, 1.5, 2.0]
     measured = [BlockMeasurement(shapes={"a": [10, 10], "b": [10, 10]}, errors={"a": cheap, "b": dear}),
                 BlockMeasurement(shapes={"a": [10, 10], "b": [10, 10]}, errors={"a": dear, "b": dear})]
-    by_layer = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1), 0.5, measured)
+    by_layer = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1, granularity="layer"), 0.5, measured)
     assert by_layer.layers[0]["a"] == pytest.approx(0.6) and by_layer.layers[1]["a"] < 0.5
     assert by_layer.error_grid == pytest.approx(grid) and by_layer.layer_errors[0]["a"] == cheap
     by_block = allocate_sparsity("k", AllocationSpec(method="error", spread=0.1, granularity="block"), 0.5, measured)
