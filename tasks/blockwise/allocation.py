@@ -60,7 +60,7 @@ __all__ = ["Allocation", "BlockMeasurement", "allocate_sparsity", "block_sparsit
 
 logger = logging.getLogger(__name__)
 
-ERROR_STEPS = 64  # steps of the greedy hand-out across that span (the curves are interpolated between points)
+ERROR_STEPS = 64  # steps of the greedy hand-out across the error grid (the curves interpolated between points)
 
 
 class BlockMeasurement(BaseModel):
@@ -232,20 +232,16 @@ def allocate_sparsity(key: str, spec: AllocationSpec, target: float,
 
 def _error_allocation(measured: Sequence[BlockMeasurement], sizes: Sequence[dict[str, int]], grid: Sequence[float],
                       spec: AllocationSpec, target: float) -> list[dict[str, float]]:
-    """Per block and layer the error allocation's sparsity, by layer or by block (a block's curve: the sum of its
-    layers')."""
+    """Per block and layer the error allocation's sparsity: the layers of the whole model as units, the layers of
+    each block with the block at the target, or whole blocks (a block's curve: the sum of its layers')."""
     if spec.granularity == "layer-in-block":  # each block's layers share the target among themselves
         return [dict(zip(block, error_sparsities([measured[b].errors[name] for name in block],
                                                  list(block.values()), grid, target)))
                 for b, block in enumerate(sizes)]
     if spec.granularity == "layer":
-        units = [(b, name) for b, block in enumerate(sizes) for name in block]
-        found = error_sparsities([measured[b].errors[name] for b, name in units],
-                                 [sizes[b][name] for b, name in units], grid, target)
-        result: list[dict[str, float]] = [{} for _ in sizes]
-        for (b, name), value in zip(units, found):
-            result[b][name] = value
-        return result
+        found = iter(error_sparsities([measured[b].errors[name] for b, block in enumerate(sizes) for name in block],
+                                      [size for block in sizes for size in block.values()], grid, target))
+        return [{name: next(found) for name in block} for block in sizes]
     curves = [[sum(values) for values in zip(*block.errors.values())] for block in measured]
     found = error_sparsities(curves, [sum(block.values()) for block in sizes], grid, target)
     return [{name: value for name in block} for block, value in zip(sizes, found)]

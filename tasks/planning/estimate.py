@@ -219,7 +219,7 @@ def _allocation_phase(shape: ModelShape, config: PruneConfig, tokens: int, seqle
     OWL's one forward per block, or the error allocation's Gram collection (one partial pass per group), one
     group's H at a time and SparseGPT at every point of the error grid."""
     spec = config.solver.allocation
-    forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+    forward = _forward_flops(shape, tokens, seqlen)
     if spec.method == "error":
         points = len(spec.error_grid(config.solver.pattern.sparsity))
         flops = ((len(shape.groups) + 1) / 2 + 1) * forward
@@ -230,11 +230,22 @@ def _allocation_phase(shape: ModelShape, config: PruneConfig, tokens: int, seqle
         detail = f"{points} SparseGPT solves per layer on the dense model"
     else:
         flops, solve, detail = forward, 0.0, "one dense forward per block for the outlier ratios"
-    load = shape.block_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND
+    load = _block_load_seconds(shape)
     device = block_peak + (0.0 if on_gpu and config.runtime.offload_activations else 2 * stream) + solve
     host = baseline + (device if not on_gpu else 2 * stream + shape.block_params * shape.checkpoint_bytes)
     return PhaseEstimate("allocation", disk=stream, host=host, device=device if on_gpu else host,
                          seconds=shape.layers * (rates.matmul(flops) + load), detail=detail)
+
+
+def _forward_flops(shape: ModelShape, tokens: int, seqlen: int) -> float:
+    """One forward of a block over ``tokens``: 2 flops per weight per token plus causal attention (2 x seqlen x
+    width per token)."""
+    return 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+
+
+def _block_load_seconds(shape: ModelShape) -> float:
+    """Reading one block's stored tensors."""
+    return shape.block_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND
 
 
 def _workspace(method: str, d_out: int, d_in: int) -> float:
@@ -254,11 +265,11 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
     solver = config.solver
     groups = len(shape.groups)
     # Forwards: the Gram collection (one pass, or one partial pass per group with true_sequential) and the
-    # outputs. Each is 2 flops per weight per token plus causal attention (2 x seqlen x width per token).
+    # outputs.
     passes = (groups + 1) / 2 + 1 if solver.true_sequential else 2
     if solver.targets == "dense":  # the dense block on the dense inputs: beside the collection, and for its outputs
         passes *= 2
-    forward = 2.0 * tokens * shape.linear_params + 2.0 * tokens * seqlen * shape.attention_width
+    forward = _forward_flops(shape, tokens, seqlen)
     if solver.refine.method != "none":
         # The dense block for the target, the error before, and per epoch a forward and a backward (about twice
         # a forward) over every window.
@@ -284,7 +295,7 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
             eigh += rates.eigh(d)
         elif method == "sparsegpt":
             flops += 1.5 * float(d) ** 3  # Cholesky factor of H^-1 (factor, inverse, factor)
-    load = shape.block_params * shape.checkpoint_bytes / _READ_BYTES_PER_SECOND
+    load = _block_load_seconds(shape)
     return rates.matmul(flops) + eigh + load
 
 
