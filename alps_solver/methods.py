@@ -13,9 +13,9 @@ from typing import Any
 from .config import config_from_dict
 from .problem import GramCache, LayerProblem
 from .result import Callback, Result
-from .sparsity import SparsityPattern
+from .sparsity import PatternKind, SparsityPattern
 
-__all__ = ["METHODS", "solve", "make_config", "method_names", "needs_input_stats", "reads_inputs"]
+__all__ = ["METHODS", "solve", "make_config", "method_names", "needs_input_stats", "reads_inputs", "supported_kinds"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("alps-simple", "alps", preset="simple", summary="ALPS with looser convergence, faster"),
         MethodSpec("magnitude", "baselines.magnitude", summary="keep the largest |W|", reads_inputs=False),
         MethodSpec("wanda", "baselines.wanda", summary="|W| * ||x||, per output row (Sun et al. 2023)"),
+        MethodSpec("wanda-ls", "baselines.wanda", preset="least_squares",
+                   summary="Wanda's mask, kept weights re-solved by least squares"),
         MethodSpec("sparsegpt", "baselines.sparsegpt", summary="OBS column sweep (Frantar & Alistarh 2023)"),
         MethodSpec("dsnot", "baselines.dsnot", summary="training-free prune-and-grow (Zhang et al. 2024)",
                    input_stats=True),
@@ -59,6 +61,11 @@ def needs_input_stats(method: str) -> bool:
 def reads_inputs(method: str) -> bool:
     """Whether ``method`` reads the calibration inputs (H or their statistics), so can aim at dense targets."""
     return _spec(method).reads_inputs
+
+
+def supported_kinds(method: str) -> tuple[PatternKind, ...]:
+    """The pattern kinds ``method`` can produce (a method module's ``SUPPORTED``; every kind when it has none)."""
+    return tuple(getattr(_spec(method).load(), "SUPPORTED", tuple(PatternKind)))
 
 
 def _spec(method: str) -> MethodSpec:

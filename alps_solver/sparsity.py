@@ -6,10 +6,13 @@ A pattern describes which entries of a weight matrix W of shape (d_out, d_in) ma
 - ``per_row(s)``: every output row has the same fraction ``s`` of zeros.
 - ``n_m(n, m)``: in every group of ``m`` consecutive inputs of a row, ``n`` entries are kept.
 - ``input_channels(s)`` (written ``channels:s``): a fraction ``s`` of whole input columns is zero.
+- ``channel_groups(n, m, size)`` (written ``channels:n:mxsize``): the input columns form groups of ``size``
+  consecutive columns (an attention head's slice of an output projection), and in every ``m`` consecutive
+  groups ``n`` are kept whole, the others are zero (``channels:2:3x64``: 2 of every 3 heads of 64).
 
 Text form (``SparsityPattern.parse`` and ``str(pattern)``): ``"0.7"``, ``"rows:0.7"``, ``"2:4"``,
-``"channels:0.5"``; the spelled-out forms ``"unstructured(0.7)"``, ``"per_row(0.7)"``, ``"n_m(2, 4)"`` and
-``"input_channels(0.5)"`` parse too.
+``"channels:0.5"``, ``"channels:2:3x64"``; the spelled-out forms ``"unstructured(0.7)"``, ``"per_row(0.7)"``,
+``"n_m(2, 4)"``, ``"input_channels(0.5)"`` and ``"channel_groups(2, 3, 64)"`` parse too.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class PatternKind(str, Enum):
     PER_ROW = "per_row"
     N_M = "n_m"
     INPUT_CHANNELS = "input_channels"
+    CHANNEL_GROUPS = "channel_groups"
 
 
 _FRACTION_KINDS = (PatternKind.UNSTRUCTURED, PatternKind.PER_ROW, PatternKind.INPUT_CHANNELS)
@@ -39,6 +43,7 @@ _PREFIXES = {
     "unstructured": PatternKind.UNSTRUCTURED,
 }
 _CALL = re.compile(r"^\s*(\w+)\s*\(\s*([^)]*)\)\s*$")
+_GROUPS = re.compile(r"^(\d+):(\d+)x(\d+)$")  # the tail of channels:n:mxsize
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class SparsityPattern:
     sparsity: float = 0.0
     n: int = 0
     m: int = 0
+    size: int = 1  # columns per group (channel_groups)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", PatternKind(self.kind))
@@ -59,6 +65,14 @@ class SparsityPattern:
                     "and must be in [0, 1) (e.g. 0.7 removes 70%)."
                 )
             object.__setattr__(self, "sparsity", float(self.sparsity))
+        elif self.kind is PatternKind.CHANNEL_GROUPS:
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (self.n, self.m, self.size)):
+                raise ValueError(f"pattern channels:{self.n!r}:{self.m!r}x{self.size!r}: the counts must be whole "
+                                 "numbers (e.g. channels:2:3x64).")
+            if self.size < 1 or not 1 <= self.n < self.m:
+                raise ValueError(f"pattern channels:{self.n}:{self.m}x{self.size}: keep n of every m groups of "
+                                 "size columns needs 1 <= n < m and size >= 1 (e.g. channels:2:3x64).")
+            object.__setattr__(self, "sparsity", 1.0 - self.n / self.m)
         else:
             if not (isinstance(self.n, int) and isinstance(self.m, int)) or isinstance(self.n, bool):
                 raise ValueError(f"pattern {self.n!r}:{self.m!r}: N and M must be whole numbers (e.g. 2:4).")
@@ -88,6 +102,20 @@ class SparsityPattern:
         return cls(PatternKind.N_M, n=n, m=m)
 
     @classmethod
+    def input_channels(cls, sparsity: float) -> SparsityPattern:
+        return cls(PatternKind.INPUT_CHANNELS, sparsity=sparsity)
+
+    @classmethod
+    def channel_groups(cls, n: int, m: int, size: int) -> SparsityPattern:
+        return cls(PatternKind.CHANNEL_GROUPS, n=n, m=m, size=size)
+
+    @property
+    def by_column(self) -> bool:
+        """Whether the pattern keeps or removes whole input columns: ``select`` then sums each column's scores
+        (pass squared values for the Euclidean group projection)."""
+        return self.kind in (PatternKind.INPUT_CHANNELS, PatternKind.CHANNEL_GROUPS)
+
+    @classmethod
     def parse(cls, text: str | float | SparsityPattern) -> SparsityPattern:
         """Parse ``"0.7"``, ``"rows:0.7"``, ``"2:4"``, ``"channels:0.5"`` or the spelled-out forms."""
         if isinstance(text, SparsityPattern):
@@ -101,10 +129,15 @@ class SparsityPattern:
                 name, args = call.group(1), [a.strip() for a in call.group(2).split(",") if a.strip()]
                 if name == "n_m" and len(args) == 2:
                     return cls.n_m(int(args[0]), int(args[1]))
+                if name == "channel_groups" and len(args) == 3:
+                    return cls.channel_groups(int(args[0]), int(args[1]), int(args[2]))
                 if name in _PREFIXES and len(args) == 1:
                     return cls(_PREFIXES[name], sparsity=float(args[0]))
             elif ":" in raw:
                 head, tail = (part.strip() for part in raw.split(":", 1))
+                groups = _GROUPS.match(tail.replace(" ", ""))
+                if head.lower() in ("channels", "input_channels") and groups:
+                    return cls.channel_groups(*(int(v) for v in groups.groups()))
                 if head.lower() in _PREFIXES:
                     return cls(_PREFIXES[head.lower()], sparsity=float(tail))
                 return cls.n_m(int(head), int(tail))
@@ -116,12 +149,14 @@ class SparsityPattern:
         raise ValueError(
             f"pattern {raw!r} is not understood. Use a fraction for unstructured sparsity ('0.7'), "
             "'N:M' for N kept in every M ('2:4'), 'rows:0.7' for the same sparsity in every row, or "
-            "'channels:0.5' to remove whole input channels."
+            "'channels:0.5' to remove whole input channels ('channels:2:3x64': keep 2 of every 3 groups of 64)."
         )
 
     def __str__(self) -> str:
         if self.kind is PatternKind.N_M:
             return f"{self.n}:{self.m}"
+        if self.kind is PatternKind.CHANNEL_GROUPS:
+            return f"channels:{self.n}:{self.m}x{self.size}"
         prefix = {PatternKind.UNSTRUCTURED: "", PatternKind.PER_ROW: "rows:", PatternKind.INPUT_CHANNELS: "channels:"}
         # The shortest text that parses back to the same float: an allocated sparsity (a whole number of weights
         # over the layer's size) survives the round trip through files and task parameters exactly.
@@ -137,6 +172,11 @@ class SparsityPattern:
                 f"pattern {self}: d_in={d_in} is not divisible by M={self.m}, so the input dimension cannot be "
                 f"split into groups of {self.m}. Use an M that divides {d_in}, or an unstructured pattern."
             )
+        if self.kind is PatternKind.CHANNEL_GROUPS and d_in % (self.m * self.size):
+            raise ValueError(
+                f"pattern {self}: d_in={d_in} is not divisible by m x size = {self.m * self.size}, so the input "
+                f"columns cannot be split into blocks of {self.m} groups of {self.size}."
+            )
 
     def kept_count(self, d_out: int, d_in: int) -> int:
         """Number of entries kept (k in the paper) for a (d_out, d_in) weight."""
@@ -147,6 +187,8 @@ class SparsityPattern:
             return d_out * self._kept_per_row(d_in)
         if self.kind is PatternKind.N_M:
             return d_out * (d_in // self.m) * self.n
+        if self.kind is PatternKind.CHANNEL_GROUPS:
+            return d_out * (d_in // (self.m * self.size)) * self.n * self.size
         return d_out * self._kept_columns(d_in)
 
     def _kept_per_row(self, d_in: int) -> int:
@@ -160,9 +202,9 @@ class SparsityPattern:
         """Boolean mask of the entries to keep: the best the pattern allows for non-negative ``scores``.
 
         ``scores`` has the weight's shape (d_out, d_in); larger means more worth keeping. For
-        ``input_channels`` a column's score is the sum of its entries' scores (pass squared values to get
-        the Euclidean group projection). Exactly ``kept_count`` entries are kept; among equal scores
-        the choice is deterministic but unspecified.
+        ``input_channels`` a column's score is the sum of its entries' scores, for ``channel_groups`` a group's
+        the sum over its columns (pass squared values to get the Euclidean group projection). Exactly
+        ``kept_count`` entries are kept; among equal scores the choice is deterministic but unspecified.
         """
         d_out, d_in = scores.shape
         self.validate_shape(d_out, d_in)
@@ -172,6 +214,10 @@ class SparsityPattern:
             return _topk_mask(scores, self._kept_per_row(d_in))
         if self.kind is PatternKind.N_M:
             return _n_of_m_mask(scores.reshape(d_out, d_in // self.m, self.m), self.n).reshape(d_out, d_in)
+        if self.kind is PatternKind.CHANNEL_GROUPS:
+            groups = scores.sum(dim=0).reshape(-1, self.m, self.size).sum(dim=2)  # (blocks, m)
+            kept = _topk_mask(groups, self.n).unsqueeze(-1).expand(-1, self.m, self.size).reshape(d_in)
+            return kept.unsqueeze(0).expand(d_out, d_in).clone()
         columns = _topk_mask(scores.sum(dim=0), self._kept_columns(d_in))
         return columns.unsqueeze(0).expand(d_out, d_in).clone()
 
@@ -198,6 +244,11 @@ class SparsityPattern:
             worst = int(kept.reshape(d_out, d_in // self.m, self.m).sum(dim=2).max())
             if worst > self.n:
                 problems.append(f"a group of {self.m} keeps {worst} entries, at most {self.n} allowed")
+        elif self.kind is PatternKind.CHANNEL_GROUPS:
+            used = kept.any(dim=0).reshape(-1, self.m, self.size).any(dim=2)  # (blocks, m): a group in use
+            worst = int(used.sum(dim=1).max())
+            if worst > self.n:
+                problems.append(f"a block of {self.m} groups uses {worst}, at most {self.n} allowed")
         else:
             columns = kept.any(dim=0)
             want = self._kept_columns(d_in)

@@ -45,7 +45,7 @@ def prune_model(config: PruneConfig = PruneConfig(), parent_run_id: str | None =
 
 def _prune(config: PruneConfig, parent_run_id: str | None) -> PruneResult:
     model = prepare_model(config.model)
-    check_pattern_fits(model, config.solver.pattern)
+    check_pattern_fits(model, config.solver)  # or, structured, its neurons and heads
     chain = plan_run(model, config)  # which cached blocks are reused, which are solved or replayed
     check_resources(model, config, chain)  # disk, RAM and device memory: a run that cannot fit stops now
     settings = config.model_dump(mode="json")

@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from safetensors import safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from alps_solver import LayerProblem, SparsityPattern
 
@@ -45,6 +46,7 @@ from .data.sampling import calibration_text_hash, cap_seqlen
 from .model.loading import resolve_device
 from .model.prepared import PreparedModel
 from .model.prepared import prepare_model as prepare
+from .model.structure import plan_structure
 from .orchestration import cached_in, cached_result, key_parameter, run_logger, task
 from .planning.check import available, check_plan, plan_for, shape_of
 from .planning.estimate import ResourcePlan
@@ -336,7 +338,9 @@ def save_pruned_model(model: PreparedModel, blocks: list[BlockResult], config: P
         run_logger(logger).info("%s already holds this run's pruned model (saved and verified by an earlier attempt "
                                 "of it): kept", output)
         return output
-    output = write_pruned_model(model, blocks, config.solver.pattern, record, config.output.folder)
+    structure = None if config.solver.structured is None else plan_structure(
+        AutoConfig.from_pretrained(model.folder), config.solver.structured)
+    output = write_pruned_model(model, blocks, config.solver.pattern, record, config.output.folder, structure)
     run_logger(logger).info("pruned model saved to %s", output)
     return output
 

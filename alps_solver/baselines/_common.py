@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..config import COMPUTE_DTYPES, require_compute_dtype, require_version
+from ..pcg import masked_pcg
 from ..problem import LayerProblem
 from ..result import CheckRecord, Result, Status, clock
 from ..sparsity import PatternKind, SparsityPattern
@@ -19,6 +20,7 @@ __all__ = [
     "check_supported",
     "finish",
     "keep_per_row",
+    "least_squares_on_support",
     "mask_only",
     "require_compute_dtype",
     "require_version",
@@ -87,6 +89,33 @@ def select_per_output(pattern: SparsityPattern, scores: torch.Tensor) -> torch.T
         return pattern.select(scores)
     d_out, d_in = scores.shape
     return keep_per_row(scores, row_quotas(scores, pattern.kept_count(d_out, d_in)))
+
+
+def least_squares_on_support(problem: LayerProblem, mask: torch.Tensor, *, damping: float, max_iter: int,
+                             rtol: float) -> tuple[torch.Tensor, int]:
+    """The kept weights' least-squares values: min ||X (W_hat - W)^T||^2 + lambda ||W_hat - W||^2 with W_hat zero
+    off ``mask``, lambda = ``damping`` * mean(diag H) (the ridge keeps the system definite when H is singular).
+    Returns W_hat (d_out, d_in) and the iterations spent (0 for a direct solve).
+
+    The normal equations of row i on its support S_i are W_hat_i[S_i] H_d[S_i, S_i] = W_i H_d[:, S_i], with
+    H_d = H + lambda I. A support every row shares (whole input channels) is one Cholesky solve; per-row supports
+    go to the masked PCG, batched over the rows.
+    """
+    H = problem.gram.to(torch.float64)
+    mean_diagonal = float(H.diagonal().mean())
+    lam = damping * mean_diagonal if mean_diagonal > 0 else 1.0
+    H_d = H + lam * torch.eye(problem.d_in, dtype=torch.float64, device=H.device)
+    W = problem.weight.to(torch.float64)
+    rhs = W @ H_d  # (d_out, d_in)
+    if bool((mask == mask[:1]).all()):
+        kept = mask[0].nonzero().squeeze(1)
+        weight = torch.zeros_like(W)
+        if kept.numel():
+            factor = torch.linalg.cholesky(H_d[kept][:, kept])
+            weight[:, kept] = torch.cholesky_solve(rhs[:, kept].T, factor).T
+        return weight, 0
+    outcome = masked_pcg(H_d, rhs, mask, W * mask, max_iter=max_iter, rtol=rtol)
+    return outcome.solution, outcome.iterations
 
 
 def finish(

@@ -34,6 +34,9 @@ from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dt
 
 __all__ = ["Config", "solve"]
 
+# Whole groups of columns (channel_groups) have no fraction between none and n of m for the gradual schedule.
+SUPPORTED = tuple(kind for kind in PatternKind if kind is not PatternKind.CHANNEL_GROUPS)
+
 log = logging.getLogger(__name__)
 
 
@@ -76,7 +79,7 @@ def solve(
     """
     config = config or Config()
     start = clock(problem.weight.device)
-    check_supported("admm_fixed_mask", problem, pattern, tuple(PatternKind))
+    check_supported("admm_fixed_mask", problem, pattern, SUPPORTED)
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     scaled = ScaledProblem.build(problem, config.damping, dtype, cache)
     H, W0, rho = scaled.Hs, scaled.B0, config.rho

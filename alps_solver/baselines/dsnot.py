@@ -54,7 +54,7 @@ __all__ = ["Config", "solve"]
 log = logging.getLogger(__name__)
 
 _INITIAL = {"wanda": wanda.select, "magnitude": magnitude.select}
-_SUPPORTED = (PatternKind.UNSTRUCTURED, PatternKind.PER_ROW, PatternKind.N_M)
+SUPPORTED = (PatternKind.UNSTRUCTURED, PatternKind.PER_ROW, PatternKind.N_M)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,7 +92,7 @@ def solve(
     """
     config = config or Config()
     start = clock(problem.weight.device)
-    check_supported("dsnot", problem, pattern, _SUPPORTED)
+    check_supported("dsnot", problem, pattern, SUPPORTED)
     if problem.input_mean is None or problem.input_var is None:
         raise ValueError(
             "dsnot needs the mean and variance of every input channel (input_mean, input_var) on the "

@@ -12,7 +12,7 @@ import torch
 
 from ..problem import GramCache, LayerProblem
 from ..result import Callback, Result
-from ..sparsity import PatternKind, SparsityPattern
+from ..sparsity import SparsityPattern
 from ._common import mask_only, require_version
 
 __all__ = ["Config", "select", "solve"]
@@ -32,7 +32,7 @@ def select(problem: LayerProblem, pattern: SparsityPattern) -> torch.Tensor:
     # Scores in at least float32: squares of half-precision weights underflow (and overflow) easily.
     magnitude = W.to(torch.promote_types(W.dtype, torch.float32)).abs()
     # |W| ranks single weights; W^2 summed down a column is the squared column norm.
-    return pattern.select(magnitude.square() if pattern.kind is PatternKind.INPUT_CHANNELS else magnitude)
+    return pattern.select(magnitude.square() if pattern.by_column else magnitude)
 
 
 def solve(

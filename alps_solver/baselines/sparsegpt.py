@@ -40,6 +40,9 @@ from ._common import COMPUTE_DTYPES, check_supported, finish, require_compute_dt
 
 __all__ = ["Config", "solve"]
 
+# Whole groups of columns (channel_groups) need a group-aware choice, which the block-wise column sweep lacks.
+SUPPORTED = tuple(kind for kind in PatternKind if kind is not PatternKind.CHANNEL_GROUPS)
+
 log = logging.getLogger(__name__)
 
 
@@ -70,7 +73,7 @@ def solve(
     config = config or Config()
     device = problem.weight.device
     start = clock(device)
-    check_supported("sparsegpt", problem, pattern, tuple(PatternKind))
+    check_supported("sparsegpt", problem, pattern, SUPPORTED)
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     W = problem.weight.to(dtype).clone()  # (d_out, d_in), updated in place by the sweep
     W[:, problem.gram.diagonal().to(dtype) == 0] = 0.0  # dead inputs: their weights never act

@@ -55,6 +55,8 @@ def plan_command(
     method: MethodOption = DEFAULT.solver.method,
     pattern: Annotated[Optional[str], typer.Option("--pattern", help="'0.7', '2:4', ... (as for prune).",
                                                    show_default=False)] = None,
+    structured: Annotated[Optional[str], typer.Option("--structured", metavar="mlp:F,heads:F", help="Plan a "
+                                                      "structured prune (as for prune).", show_default=False)] = None,
     nsamples: NsamplesOption = DEFAULT.calibration.nsamples,
     seqlen: SeqlenOption = DEFAULT.calibration.seqlen,
     batch_size: BatchSizeOption = DEFAULT.runtime.batch_size,
@@ -100,7 +102,8 @@ def plan_command(
         "solver": {"method": method, "true_sequential": true_sequential, "targets": targets,
                    "allocation": {"method": allocation, "spread": allocation_spread},
                    "refine": {"method": refine, "epochs": refine_epochs, "batch": refine_batch},
-                   **({"pattern": pattern} if pattern is not None else {})},
+                   **({"pattern": pattern} if pattern is not None else {}),
+                   **({"structured": structured} if structured is not None else {})},
         "calibration": {"nsamples": nsamples, "seqlen": seqlen, "activation_dtype": activation_dtype},
         "runtime": {"device": device, "threads": threads, "batch_size": batch_size, "cache_dir": cache_dir,
                     "keep_every": keep_every, "keep_activations": keep_activations,

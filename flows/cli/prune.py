@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -10,6 +11,7 @@ from rich.table import Table
 
 from tasks.blockwise.report import PruneResult, block_error_rows
 from tasks.common.errors import SettingError
+from tasks.common.files import SPARSITY_MANIFEST_FILE
 from tasks.config.prune import PruneConfig
 from tasks.config.validation import spelled_as, validated
 
@@ -53,6 +55,7 @@ REFINE = DEFAULT.solver.refine
 # Where each field of PruneConfig is set on the command line (errors name the flag the user typed).
 FLAGS = {
     "model": "--model", "solver": "--config", "solver.method": "--method", "solver.pattern": "--pattern",
+    "solver.structured": "--structured",
     "solver.method_config": "--config", "solver.true_sequential": "--true-sequential",
     "solver.gram_dtype": "--gram-dtype", "solver.targets": "--targets",
     "solver.target_mix": "--target-mix", "solver.allocation": "--allocation",
@@ -89,6 +92,10 @@ def prune_command(
         f"Default: {DEFAULT.solver.pattern}.", show_default=False)] = None,
     pattern: Annotated[Optional[str], typer.Option(
         "--pattern", help="'0.7', '2:4', '4:8', 'rows:0.7' or 'channels:0.5'.", show_default=False)] = None,
+    structured: Annotated[Optional[str], typer.Option(
+        "--structured", metavar="mlp:F,heads:F", help="Structured pruning that shrinks the model, instead of a "
+        "pattern: remove a fraction F of each block's MLP neurons and/or attention heads (e.g. mlp:0.3,heads:0.25); "
+        "the output is a smaller dense model.", show_default=False)] = None,
     calib: CalibrationDatasetOption = DEFAULT.calibration.dataset,
     nsamples: NsamplesOption = DEFAULT.calibration.nsamples,
     seqlen: SeqlenOption = DEFAULT.calibration.seqlen,
@@ -176,6 +183,7 @@ def prune_command(
                                   **_bounds(sparsity_bounds)},
                    "refine": {"method": refine, "epochs": refine_epochs, "lr": refine_lr, "batch": refine_batch},
                    **({"pattern": pattern} if pattern is not None else {}),
+                   **({"structured": structured} if structured is not None else {}),
                    **({"pattern": _fraction(sparsity)} if sparsity is not None else {})},
         "calibration": {"dataset": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                         "activation_dtype": activation_dtype},
@@ -222,7 +230,8 @@ def print_result(result: PruneResult) -> None:
     """The table of blocks, the totals, the evaluation's numbers and where the run is tracked (if it is)."""
     report = result.report
     config = report.config
-    table = Table(title=f"{config.model} pruned with {config.solver.method} at {config.solver.pattern}")
+    table = Table(title=f"{config.model} pruned with {config.solver.method} at "
+                  f"{config.solver.structured or config.solver.pattern}")
     for column in ("block", "mean error", "worst layer error", "iterations", "seconds", "cached"):
         table.add_column(column, justify="right")
     for row in block_error_rows(report.to_json()):
@@ -231,6 +240,12 @@ def print_result(result: PruneResult) -> None:
     console.print(table)
     console.print(f"mean layer error {report.mean_rel_error:.5f}; reused {len(report.reused_blocks)} blocks, "
                   f"computed {len(report.computed_blocks)}; model saved to {result.output}")
+    if config.solver.structured is not None:
+        manifest = json.loads((result.output / SPARSITY_MANIFEST_FILE).read_text(encoding="utf-8"))
+        parameters = manifest["parameters"]
+        console.print(f"smaller model: {', '.join(f'{k} {v}' for k, v in manifest['config'].items())}; parameters "
+                      f"{parameters['before']:,} -> {parameters['after']:,} "
+                      f"({manifest['removed_fraction']:.1%} fewer)")
     if result.evaluation:
         scores = [f"{name} perplexity {value:.3f}" for name, value in result.evaluation.perplexity.items()]
         scores += [f"{name} accuracy {value:.4f}" for name, value in result.evaluation.accuracy.items()]

@@ -101,6 +101,10 @@ def solver_identity(solver: SolverSpec) -> dict:
         del identity["allocation"]["granularity"]  # only the error allocation reads it
     if solver.refine.method == "none":
         del identity["refine"]
+    if solver.structured is None:
+        del identity["structured"]
+    else:
+        del identity["pattern"]  # unused: the structure decides every pattern
     return {**identity, "config": asdict(solver.solver_config)}
 
 

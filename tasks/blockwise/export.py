@@ -11,6 +11,7 @@ every other tensor is bit-identical to the original. A failed save leaves the pr
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,13 +19,16 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from alps_solver import SparsityPattern
 
 from ..common.errors import AlpsError
 from ..common.files import PRUNE_REPORT_FILE, SPARSITY_MANIFEST_FILE, atomic_write_json, storage_error, temporary_name
+from ..model.adapters import adapter_for
 from ..model.checkpoint import Checkpoint, write_like
 from ..model.prepared import PreparedModel
+from ..model.structure import BlockStructure, StructurePlan, planned_shape, shrink_block
 from .records import BlockResult, FileRecord
 
 __all__ = ["VerificationError", "release_activations", "saved_earlier", "saved_report", "write_pruned_model"]
@@ -37,17 +41,21 @@ class VerificationError(RuntimeError):
 
 
 def write_pruned_model(model: PreparedModel, blocks: list[BlockResult], pattern: SparsityPattern,
-                       report: dict[str, Any], folder: Path) -> Path:
+                       report: dict[str, Any], folder: Path, structure: StructurePlan | None = None) -> Path:
     """Write, verify and move the pruned model into ``folder`` (replacing what is there); returns its path.
-    ``report`` (JSON-ready) is written beside the weights as ``prune_report.json``. A write that fails for lack
-    of space or permission raises ``StorageError`` naming the folder, and leaves nothing behind."""
+    ``report`` (JSON-ready) is written beside the weights as ``prune_report.json``. With a ``structure`` the model
+    written is the smaller one: the silenced neurons and heads removed, its config saying so. A write that fails
+    for lack of space or permission raises ``StorageError`` naming the folder, and leaves nothing behind."""
     output = Path(folder).resolve()
     temporary = output.with_name(temporary_name(output) + "tmp")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir()
-        _write_verified(model, blocks, pattern, report, temporary)
+        if structure is None:
+            _write_verified(model, blocks, pattern, report, temporary)
+        else:
+            _write_shrunk(model, blocks, structure, report, temporary)
         if output.exists():
             retired = output.with_name(temporary_name(output) + "old")
             os.replace(output, retired)
@@ -112,6 +120,123 @@ def _write_verified(model: PreparedModel, blocks: list[BlockResult], pattern: Sp
     manifest = _verify(original, Checkpoint(temporary), blocks, pattern)
     atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
     atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
+
+
+def _write_shrunk(model: PreparedModel, blocks: list[BlockResult], plan: StructurePlan, report: dict[str, Any],
+                  temporary: Path) -> None:
+    """The smaller model in ``temporary``: each block's tensors without its silenced neurons and heads
+    (``shrink_block``), the config with the smaller counts, verified, and its manifest and report."""
+    source = model.folder
+    for item in source.iterdir():
+        if item.is_file() and not _is_weight_file(item.name):
+            shutil.copy2(item, temporary / item.name)
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    atomic_write_json(temporary / "config.json", {**config, **plan.config_updates()})
+    adapter = adapter_for(AutoConfig.from_pretrained(source))
+    by_prefix = {adapter.block_prefix(block.index): block for block in blocks}
+    current: dict[str, Any] = {}  # the block being written: write_like goes through a block's tensors together
+
+    def block_of(name: str) -> tuple[str, BlockResult] | None:
+        prefix = name[: len(adapter.layers_path) + 1] + name[len(adapter.layers_path) + 1:].split(".", 1)[0] + "."
+        return (prefix, by_prefix[prefix]) if prefix in by_prefix else None
+
+    def shrunk(prefix: str, block: BlockResult) -> dict[str, torch.Tensor]:
+        if current.get("prefix") != prefix:
+            with safe_open(str(block.weights.path), framework="pt") as handle:
+                tensors = {n[len(prefix):]: handle.get_tensor(n) for n in handle.keys()}
+            small, kept = shrink_block(tensors, plan)
+            current.update(prefix=prefix, tensors=small, pruned=tensors)
+            kept_by_block[block.index] = kept
+        return current["tensors"]
+
+    kept_by_block: dict[int, BlockStructure] = {}
+
+    def replacement(name: str) -> torch.Tensor | None:
+        found = block_of(name)
+        return None if found is None else shrunk(*found)[name[len(found[0]):]]
+
+    def shape(name: str, before: list[int]) -> list[int]:
+        found = block_of(name)
+        return before if found is None else planned_shape(plan, name[len(found[0]):], before)
+
+    original = Checkpoint(source)
+    write_like(original, temporary, replacement, shapes=shape)
+    manifest = _verify_shrunk(original, Checkpoint(temporary), blocks, plan, kept_by_block, adapter, temporary)
+    atomic_write_json(temporary / SPARSITY_MANIFEST_FILE, manifest)
+    atomic_write_json(temporary / PRUNE_REPORT_FILE, report)
+
+
+def _verify_shrunk(original: Checkpoint, saved: Checkpoint, blocks: list[BlockResult], plan: StructurePlan,
+                   kept: dict[int, BlockStructure], adapter: Any, folder: Path) -> dict[str, Any]:
+    """The smaller model holds what the pruned one computes: its shapes are the ones its config gives
+    transformers' own model class; every removed column of an output projection was zero in the pruned block
+    (nothing solved is lost); the kept columns are the solved values; the rows kept of the layers before them and
+    every other tensor are the original's, bit for bit."""
+    problems: list[str] = []
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)).state_dict()
+    if sorted(saved.names) != sorted(original.names):
+        problems.append("the saved tensor names differ from the original checkpoint's")
+    roles = plan.roles
+    for name, tensor in saved.iter_tensors():
+        if name in expected and list(expected[name].shape) != list(tensor.shape):
+            problems.append(f"{name}: shape {list(tensor.shape)}, the smaller config's model has "
+                            f"{list(expected[name].shape)}")
+    for block in blocks:
+        prefix, structure = adapter.block_prefix(block.index), kept[block.index]
+        with safe_open(str(block.weights.path), framework="pt") as handle:
+            pruned = {n[len(prefix):]: handle.get_tensor(n) for n in handle.keys()}
+        before = original.with_prefix(prefix)
+        after = {n[len(prefix):]: t for n, t in saved.tensors([prefix + n for n in before]).items()}
+        d = plan.head_dim
+        head_rows = torch.tensor([h * d + i for h in structure.heads for i in range(d)], dtype=torch.long)
+        kv_rows = torch.tensor([h * d + i for h in structure.kv_heads for i in range(d)], dtype=torch.long)
+        neurons = torch.tensor(structure.neurons, dtype=torch.long)
+        columns = {roles.mlp_output: neurons}
+        rows = {name: neurons for name in roles.mlp_inputs}
+        if plan.kept_heads < plan.heads:
+            columns[roles.attention_output] = head_rows
+            rows[roles.queries] = head_rows
+            if plan.heads == plan.kv_heads:
+                rows |= {name: kv_rows for name in roles.keys_values}
+        for name, tensor in after.items():
+            layer, _, suffix = name.rpartition(".")
+            if suffix == "weight" and layer in columns:
+                solved = pruned[name]
+                dropped = torch.ones(solved.shape[1], dtype=torch.bool)
+                dropped[columns[layer]] = False
+                if bool(solved[:, dropped].ne(0).any()):
+                    problems.append(f"{prefix}{name}: a removed column holds solved weights")
+                if not torch.equal(tensor, solved[:, columns[layer]].to(tensor.dtype)):
+                    problems.append(f"{prefix}{name}: the kept columns are not the solved ones")
+            elif layer in rows:
+                if not torch.equal(tensor, before[name][rows[layer]]):
+                    problems.append(f"{prefix}{name}: the kept rows are not the original's")
+            elif not torch.equal(tensor, before[name]):
+                problems.append(f"{prefix}{name}: changed although structured pruning leaves it as it is")
+    prefixes = tuple(adapter.block_prefix(block.index) for block in blocks)
+    for name, tensor in saved.iter_tensors():
+        if not name.startswith(prefixes) and not torch.equal(tensor, original.tensors([name])[name]):
+            problems.append(f"{name}: changed although it is outside the pruned blocks")
+    if problems:
+        raise VerificationError("the smaller model failed verification: " + " | ".join(problems[:10]))
+    parameters = {"before": _parameters(original), "after": _parameters(saved)}
+    return {"structure": plan.to_json(), "config": plan.config_updates(), "parameters": parameters,
+            "removed_fraction": 1.0 - parameters["after"] / max(parameters["before"], 1),
+            "bytes": {"before": sum(f.stat().st_size for f in original.files()),
+                      "after": sum(f.stat().st_size for f in saved.files())},
+            "blocks": [{"index": index, "neurons": kept[index].neurons, "heads": kept[index].heads,
+                        "kv_heads": kept[index].kv_heads} for index in sorted(kept)]}
+
+
+def _parameters(checkpoint: Checkpoint) -> int:
+    """Stored parameters, from the file headers alone."""
+    total = 0
+    for file in checkpoint.files():
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                total += math.prod(handle.get_slice(name).get_shape())
+    return total
 
 
 def release_activations(records: list[FileRecord]) -> int:

@@ -16,21 +16,22 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from alps_solver import PatternKind, SparsityPattern
 
 from ..common.errors import AlpsError, ModelReferenceError
 from ..common.files import remove_dead_temporaries
 from ..common.locks import claim_folder
-from ..config.prune import OutputConfig, PruneConfig, RuntimeConfig
+from ..config.prune import OutputConfig, PruneConfig, RuntimeConfig, SolverSpec
 from ..config.validation import spelled_as
 from ..data.registry import resolve_data_root
 from ..data.sampling import check_calibration_size
 from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel, linear_shapes
 from ..model.references import locate_model
-from ..planning.check import shape_of
+from ..model.structure import plan_structure
+from ..planning.check import config_of, shape_of
 from .export import saved_report
 
 __all__ = ["check_cache_folder", "check_inputs", "check_output_folder", "check_pattern_fits", "claim_output_folder",
@@ -49,6 +50,8 @@ def check_inputs(config: PruneConfig, other_patterns: Sequence[SparsityPattern] 
     shapes = {f"{layer.name} of every block": (layer.d_out, layer.d_in) for layer in shape.linears}
     for pattern in (config.solver.pattern, *other_patterns):
         _check_layers(shapes, pattern)
+    if config.solver.structured is not None:  # the neurons and heads it removes exist and leave some
+        plan_structure(config_of(config.model), config.solver.structured)
     seqlen = config.calibration.seqlen  # as the run caps it, at the model's positions
     seqlen = min(seqlen, shape.max_positions) if shape.max_positions else seqlen
     tokenizer = _tokenizer(config.model)
@@ -99,9 +102,16 @@ def check_cache_folder(runtime: RuntimeConfig) -> None:
                         "choose a folder path (a rerun with the same folder resumes)")
 
 
-def check_pattern_fits(model: PreparedModel, pattern: SparsityPattern) -> None:
-    """Every prunable linear of every block can carry ``pattern`` and keeps some of its weights."""
-    _check_layers(linear_shapes(model), pattern)
+def check_pattern_fits(model: PreparedModel, solver: SolverSpec) -> None:
+    """Every prunable linear of every block can carry the solver's pattern and keeps some of its weights; with
+    structured pruning, the structure fits the model's neurons and heads (``plan_structure``)."""
+    if solver.structured is None:
+        _check_layers(linear_shapes(model), solver.pattern)
+        return
+    patterns = plan_structure(AutoConfig.from_pretrained(model.folder), solver.structured).patterns
+    shapes = linear_shapes(model)
+    for name, pattern in patterns.items():
+        _check_layers({layer: shape for layer, shape in shapes.items() if layer.endswith(name)}, pattern)
 
 
 def _check_layers(shapes: dict[str, tuple[int, int]], pattern: SparsityPattern) -> None:

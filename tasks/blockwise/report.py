@@ -83,6 +83,7 @@ class PruneReport(BaseModel):
     target_sparsity: float = 0.0  # the pattern's
     sparsity: float = 0.0  # achieved by the decoder linears together (zeros over weights)
     allocation: AllocationRecord | None = None  # None: every layer got the pattern
+    structure: dict[str, Any] | None = None  # structured pruning: what each block keeps (StructurePlan.to_json)
     blocks: list[BlockReport]
 
     def to_json(self) -> dict[str, Any]:
@@ -105,7 +106,14 @@ class PruneResult(BaseModel):
 def build_report(model: PreparedModel, config: PruneConfig, calibration: CalibrationResult,
                  blocks: list[BlockResult], allocation: Allocation | None = None) -> PruneReport:
     """The run's report: its settings, the calibration windows used (count and sha256 of the token ids), the
-    sparsity allocation, and per block and layer what the solver did."""
+    sparsity allocation or the structure, and per block and layer what the solver did."""
+    structure = None
+    if config.solver.structured is not None:
+        from transformers import AutoConfig  # slow to import: only structured runs need it here
+
+        from ..model.structure import plan_structure
+
+        structure = plan_structure(AutoConfig.from_pretrained(model.folder), config.solver.structured).to_json()
     layers = [layer for block in blocks for layer in block.layers]
     weights = [layer.shape[0] * layer.shape[1] for layer in layers]
     zeros = sum(round(layer.achieved_sparsity * size) for layer, size in zip(layers, weights))
@@ -122,12 +130,13 @@ def build_report(model: PreparedModel, config: PruneConfig, calibration: Calibra
         computed_blocks=[b.index for b in blocks if not b.cached],
         seconds=sum(b.seconds for b in blocks),
         mean_rel_error=sum(layer.rel_error for layer in layers) / max(len(layers), 1),
-        target_sparsity=config.solver.pattern.sparsity,
+        target_sparsity=0.0 if structure else config.solver.pattern.sparsity,
         sparsity=zeros / max(sum(weights), 1),
         allocation=None if allocation is None else AllocationRecord(
             method=allocation.method, outlier_ratios=allocation.outlier_ratios,
             block_sparsity=allocation.block_sparsity, seconds=allocation.seconds, error_grid=allocation.error_grid,
             layer_errors=allocation.layer_errors),
+        structure=structure,
         blocks=[BlockReport(index=b.index, seconds=b.seconds, memory=b.memory, cached=b.cached, layers=b.layers,
                             refinement=b.refinement) for b in blocks],
     )

@@ -46,17 +46,22 @@ def prune_linears(
     *,
     batch_size: int = 8,
     solve_stage: SolveStage | None = None,
-    sparsities: Mapping[str, float] | None = None,
+    patterns: Mapping[str, SparsityPattern] | None = None,
 ) -> list[LayerReport]:
-    """Prune every linear layer of ``block`` in place; returns one report per layer, in execution order.
+    """Prune the linear layers of ``block`` in place; returns one report per solved layer, in execution order.
 
     ``solve_stage(problems, group_of, patterns)`` solves the independent layer problems of a stage (default:
     group by group in this process); the pipeline passes one that runs them through a Prefect task runner.
-    ``sparsities`` (layer name -> unstructured sparsity, from a sparsity allocation) overrides the solver's
-    pattern layer by layer; it must name every linear layer of the block.
+    ``patterns`` (layer name -> pattern: a sparsity allocation's, or structured pruning's) replaces the solver's
+    pattern: exactly the layers it names are solved, the others keep their weights.
     """
     groups = discover_groups(block, inputs)
-    patterns = _layer_patterns([name for group in groups for name in group], solver.pattern, sparsities)
+    if patterns is None:
+        patterns = {name: solver.pattern for group in groups for name in group}
+    unknown = sorted(set(patterns) - {name for group in groups for name in group})
+    if unknown:
+        raise KeyError(f"patterns name layers the block does not have: {unknown}")
+    groups = [kept for group in groups if (kept := [name for name in group if name in patterns])]
     stages = [[group] for group in groups] if solver.true_sequential else [groups]
     dense_block = None
     if solver.targets == "dense":
@@ -136,15 +141,3 @@ def solve_layer(name: str, group: str, problem: LayerProblem, solver: SolverSpec
     logger.debug("%-24s %s err %.5f it %3d %5.2fs", name, result.status.value, result.rel_error,
                  result.iterations, report.seconds)
     return report, result.weight
-
-
-def _layer_patterns(names: list[str], pattern: SparsityPattern,
-                    sparsities: Mapping[str, float] | None) -> dict[str, SparsityPattern]:
-    """Each layer's pattern: the solver's, or its allocated unstructured sparsity."""
-    if sparsities is None:
-        return {name: pattern for name in names}
-    missing = sorted(set(names) - set(sparsities))
-    if missing:
-        raise KeyError(f"the sparsity allocation names no sparsity for the layers {missing}; it has "
-                       f"{sorted(sparsities)}")
-    return {name: SparsityPattern.unstructured(sparsities[name]) for name in names}

@@ -22,13 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
+from alps_solver import SparsityPattern
+
 from ..common.files import atomic_write
 from ..config.prune import CalibrationConfig, RuntimeConfig, SolverSpec
 from ..data.sampling import calibration_windows, tokens_sha256
-from ..model.adapters import adapter_for, block_layer_type, build_block
+from ..model.adapters import adapter_for, block_layer_type, build_block, linear_names
 from ..model.checkpoint import Checkpoint
 from ..model.loading import resolve_device
 from ..model.prepared import PreparedModel
+from ..model.structure import plan_structure
 from .capture import BlockInputs, capture_block_inputs, load_block_inputs, run_block, save_block_inputs
 from .records import BlockResult, CalibrationResult, FileRecord
 from .refine import output_error, refine_block, refinement_target
@@ -69,7 +72,8 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
                 sparsities: dict[str, float] | None = None) -> BlockResult:
     """Prune block ``index`` on its calibration inputs; save its tensors and the next block's inputs.
     ``solve_stage`` solves each stage's layer problems (default: in this process); ``sparsities`` are the block's
-    layer sparsities from a sparsity allocation (default: the solver's pattern everywhere)."""
+    layer sparsities from a sparsity allocation (default: the solver's pattern everywhere). With structured
+    pruning (``solver.structured``) only the output projections are solved, to the structure's column patterns."""
     if not inputs.is_intact():
         raise StaleInputs(f"block {index}: input activations {inputs.path} are missing or damaged")
     started = time.perf_counter()
@@ -83,7 +87,7 @@ def solve_block(key: str, index: int, model: PreparedModel, inputs: FileRecord, 
         target = refinement_target(run_block(block, block_inputs, runtime.batch_size), dense_outputs,
                                    solver.target_mix)
     layers = prune_linears(block, block_inputs, solver, batch_size=runtime.batch_size, solve_stage=solve_stage,
-                           sparsities=sparsities)
+                           patterns=layer_patterns(model, block, solver, sparsities))
     refinement = None
     if target is not None:
         refinement = refine_block(block, block_inputs, target, solver.refine, seed=index,
@@ -134,6 +138,21 @@ def replay_block(result: BlockResult, model: PreparedModel, inputs: FileRecord, 
     logger.info("block %02d: replayed in %.1f s (outputs rebuilt from its pruned weights, %s)", result.index,
                 time.perf_counter() - started, "bit-identical" if same else "equal up to float rounding")
     return result.model_copy(update={"outputs": rebuilt})
+
+
+def layer_patterns(model: PreparedModel, block: torch.nn.Module, solver: SolverSpec,
+                   sparsities: dict[str, float] | None) -> dict[str, SparsityPattern] | None:
+    """The pattern of each layer of ``block`` to solve: a structure's (its output projections), an allocation's
+    (every linear layer, each its own unstructured sparsity), or None: the solver's pattern everywhere."""
+    if solver.structured is not None:
+        return plan_structure(AutoConfig.from_pretrained(model.folder), solver.structured).patterns
+    if sparsities is None:
+        return None
+    missing = sorted(set(linear_names(block)) - set(sparsities))
+    if missing:
+        raise KeyError(f"the sparsity allocation names no sparsity for the layers {missing}; it has "
+                       f"{sorted(sparsities)}")
+    return {name: SparsityPattern.unstructured(sparsity) for name, sparsity in sparsities.items()}
 
 
 def _load_block(model: PreparedModel, index: int, inputs: FileRecord, runtime: RuntimeConfig,

@@ -34,12 +34,13 @@ from pydantic import (
 )
 
 from alps_solver import PatternKind, SparsityPattern, make_config, method_names
-from alps_solver.methods import reads_inputs
+from alps_solver.methods import reads_inputs, supported_kinds
 
 from ..common.files import cache_root
 from . import fields
 from .defaults import DEFAULT_EXPERIMENT, DEFAULT_MODEL, DEFAULT_TRACKING, TRACKING_HELP, TrackingMode
 from .evaluate import EvaluateConfig, EvaluationSpec
+from .structure import Structure
 
 __all__ = [
     "AllocationSpec",
@@ -74,6 +75,14 @@ Pattern = Annotated[
     PlainValidator(SparsityPattern.parse),
     PlainSerializer(str, return_type=str),
     WithJsonSchema({"type": "string", "examples": ["0.7", "2:4", "rows:0.7", "channels:0.5"]}),
+]
+
+# A structure as a field: 'mlp:0.3,heads:0.25' in, the same text out (tasks/config/structure.py).
+Structured = Annotated[
+    Structure,
+    PlainValidator(Structure.parse),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "examples": ["mlp:0.3", "mlp:0.3,heads:0.25"]}),
 ]
 
 
@@ -178,6 +187,9 @@ class SolverSpec(SolverOptions):
     method: str = Field("alps", description="solver method: " + ", ".join(method_names()))
     pattern: Pattern = Field(SparsityPattern.unstructured(0.7), description="'0.7' (unstructured), '2:4', "
                              "'rows:0.7' or 'channels:0.5'")
+    structured: Structured | None = Field(None, description="structured pruning that shrinks the model instead of "
+                                          "a pattern: 'mlp:0.3' removes 30% of each block's MLP neurons, "
+                                          "'heads:0.25' a quarter of its attention heads, 'mlp:0.3,heads:0.25' both")
 
     @field_validator("pattern")
     @classmethod
@@ -208,6 +220,24 @@ class SolverSpec(SolverOptions):
     @model_validator(mode="after")
     def _valid_method_config(self) -> SolverSpec:
         make_config(self.method, self.method_config)  # a bad field raises ValueError naming it
+        return self
+
+    @model_validator(mode="after")
+    def _structure_alone(self) -> SolverSpec:
+        if self.structured is None:
+            return self
+        if "pattern" in self.model_fields_set:
+            raise ValueError(f"structured {self.structured} and pattern {self.pattern} both given: structured pruning "
+                             "removes whole neurons and heads instead of a pattern; give one of them")
+        if self.allocation.method != "uniform":
+            raise ValueError(f"structured {self.structured} removes the same share of every block, and allocation "
+                             f"{self.allocation.method} spreads a sparsity over them: leave the allocation uniform")
+        needed = {PatternKind.INPUT_CHANNELS: self.structured.mlp, PatternKind.CHANNEL_GROUPS: self.structured.heads}
+        missing = [kind.value for kind, share in needed.items() if share and kind not in supported_kinds(self.method)]
+        if missing:
+            raise ValueError(f"{self.method} cannot remove {'heads' if 'channel_groups' in missing else 'neurons'} "
+                             f"(it cannot produce {', '.join(missing)} patterns): use alps, alps-simple, magnitude, "
+                             "wanda or wanda-ls")
         return self
 
     @property

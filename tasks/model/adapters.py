@@ -20,14 +20,34 @@ from ..common.errors import ModelReferenceError
 from .checkpoint import Checkpoint
 
 __all__ = [
-    "ALL_LAYERS", "ArchitectureAdapter", "ADAPTERS", "adapter_for", "block_layer_type", "build_stem", "build_block",
-    "decoder_layer_class", "layer_kinds", "linear_names",
+    "ALL_LAYERS", "ArchitectureAdapter", "ADAPTERS", "StructureRoles", "adapter_for", "block_layer_type", "build_stem",
+    "build_block", "decoder_layer_class", "layer_kinds", "linear_names",
 ]
+
+
+@dataclass(frozen=True)
+class StructureRoles:
+    """Where a block's MLP neurons and attention heads live, for structured pruning (``tasks.model.structure``).
+
+    A neuron is a column of ``mlp_output`` and the matching rows (and bias entries) of ``mlp_inputs``; a head is
+    its ``head_dim`` columns of ``attention_output`` and its rows of ``queries`` (with its key and value rows when
+    every head has its own, multi-head attention). ``heads`` is False where the model's config cannot state fewer
+    heads at the same width (OPT derives the head size from the hidden size).
+    """
+
+    mlp_inputs: tuple[str, ...]
+    mlp_output: str
+    intermediate_key: str  # the config field counting the neurons
+    queries: str = ""
+    keys_values: tuple[str, ...] = ()
+    attention_output: str = ""
+    heads: bool = True
 
 
 @dataclass(frozen=True)
 class ArchitectureAdapter:
     layers_path: str  # attribute path from the CausalLM to its ModuleList of decoder blocks
+    structure: StructureRoles | None = None  # None: structured pruning is not known for it
 
     def layers(self, model: PreTrainedModel) -> nn.ModuleList:
         module: nn.Module = model
@@ -40,7 +60,11 @@ class ArchitectureAdapter:
         return f"{self.layers_path}.{index}."
 
 
-_LLAMA_LIKE = ArchitectureAdapter(layers_path="model.layers")
+_LLAMA_ROLES = StructureRoles(mlp_inputs=("mlp.gate_proj", "mlp.up_proj"), mlp_output="mlp.down_proj",
+                              intermediate_key="intermediate_size", queries="self_attn.q_proj",
+                              keys_values=("self_attn.k_proj", "self_attn.v_proj"),
+                              attention_output="self_attn.o_proj")
+_LLAMA_LIKE = ArchitectureAdapter(layers_path="model.layers", structure=_LLAMA_ROLES)
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
@@ -49,8 +73,10 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "opt": ArchitectureAdapter(layers_path="model.decoder.layers"),
+    "phi3": ArchitectureAdapter(layers_path="model.layers"),  # fused qkv_proj and gate_up_proj
+    "opt": ArchitectureAdapter(layers_path="model.decoder.layers", structure=StructureRoles(
+        mlp_inputs=("fc1",), mlp_output="fc2", intermediate_key="ffn_dim", queries="self_attn.q_proj",
+        keys_values=("self_attn.k_proj", "self_attn.v_proj"), attention_output="self_attn.out_proj", heads=False)),
 }
 
 

@@ -91,14 +91,17 @@ def write_like(
     original: Checkpoint,
     folder: Path,
     replacement: Callable[[str], torch.Tensor | None],
+    shapes: Callable[[str, list[int]], list[int]] | None = None,
 ) -> list[str]:
     """Write a checkpoint with ``original``'s files, names, dtypes and shapes into ``folder``.
 
     ``replacement(name)`` gives a tensor to store instead of the original one (same shape, cast to the
-    original dtype), or None to copy the original. Tensors stream to disk one at a time, so memory does
-    not grow with the model. Returns the file names written.
+    original dtype), or None to copy the original. ``shapes(name, shape)``, when given, is each tensor's shape in
+    the new checkpoint (a smaller model's; its replacement must have it). Tensors stream to disk one at a time, so
+    memory does not grow with the model. Returns the file names written.
     """
     folder = Path(folder)
+    total = 0
     for file in sorted(set(original.weight_map.values())):
         with safe_open(original.folder / file, framework="pt") as handle:
             names = list(handle.keys())
@@ -106,9 +109,11 @@ def write_like(
             for name in names:
                 part = handle.get_slice(name)
                 shape, dtype = list(part.get_shape()), part.get_dtype()
+                shape = shapes(name, shape) if shapes is not None else shape
                 nbytes = _DTYPE_BYTES[dtype] * math.prod(shape)
                 entries[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
                 offset += nbytes
+            total += offset
             metadata = handle.metadata() or {"format": "pt"}
             header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
             header += b" " * (-len(header) % 8)  # data starts 8-byte aligned, as safetensors writes it
@@ -120,14 +125,18 @@ def write_like(
                     stored = handle.get_tensor(name)
                     if tensor is None:
                         tensor = stored
-                    elif tuple(tensor.shape) != tuple(stored.shape):
+                    if tuple(tensor.shape) != tuple(entries[name]["shape"]):
                         raise ValueError(f"replacement for {name} has shape {tuple(tensor.shape)}, "
-                                         f"expected {tuple(stored.shape)}")
+                                         f"expected {tuple(entries[name]['shape'])}")
                     data = tensor.detach().to("cpu", stored.dtype).contiguous().reshape(-1).view(torch.uint8)
                     out.write(data.numpy().tobytes())
     index = original.folder / INDEX_FILE
-    if index.is_file():
+    if index.is_file() and shapes is None:
         shutil.copy2(index, folder / INDEX_FILE)
+    elif index.is_file():  # the same files, a smaller total
+        content = json.loads(index.read_text())
+        content.setdefault("metadata", {})["total_size"] = total
+        (folder / INDEX_FILE).write_text(json.dumps(content, indent=2) + "\n")
     return sorted(set(original.weight_map.values()))
 
 

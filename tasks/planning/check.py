@@ -11,6 +11,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -26,7 +27,7 @@ from .estimate import GB, ResourcePlan, Shortfall, plan_resources, shortfalls
 from .rates import MachineRates, measure_rates
 from .shapes import ModelShape, load_model_config, model_shape
 
-__all__ = ["Available", "InsufficientResources", "available", "check_plan", "plan_for", "shape_of"]
+__all__ = ["Available", "InsufficientResources", "available", "check_plan", "config_of", "plan_for", "shape_of"]
 
 
 class InsufficientResources(AlpsError):
@@ -41,20 +42,28 @@ class Available:
     device: float | None  # bytes of free device memory; None on a CPU run
 
 
-def shape_of(reference: str) -> ModelShape:
-    """The shapes of a model reference, or of a bare config.json (a hub id reads only its config)."""
+def config_of(reference: str) -> Any:
+    """The Hugging Face config of a model reference, or a bare config.json (a hub id reads only its config)."""
     path = Path(reference).expanduser()
     if path.suffix == ".json" and path.is_file():
-        return model_shape(load_model_config(path))
+        return load_model_config(path)
     source = locate_model(reference)
     if not source.is_local:
         try:
-            config = AutoConfig.from_pretrained(source.location, revision=source.revision)
+            return AutoConfig.from_pretrained(source.location, revision=source.revision)
         except OSError as error:
             raise hub_error(source, error) from error
+    return load_model_config(Path(source.location))
+
+
+def shape_of(reference: str) -> ModelShape:
+    """The shapes of a model reference, or of a bare config.json (a hub id reads only its config)."""
+    config = config_of(reference)
+    path = Path(reference).expanduser()
+    source = None if path.suffix == ".json" and path.is_file() else locate_model(reference)
+    if source is None or not source.is_local:
         return model_shape(config)
     folder = Path(source.location)
-    config = load_model_config(folder)
     checkpoint = Checkpoint(folder)
     stored = list(checkpoint.dtypes("").values())
     dtype = max(set(stored), key=stored.count) if stored else None

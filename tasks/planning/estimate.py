@@ -27,9 +27,9 @@ import torch
 
 from alps_solver.problem import gram_matrix_flops
 
-from ..config.prune import PruneConfig
+from ..config.prune import PruneConfig, SolverSpec
 from .rates import MachineRates
-from .shapes import ModelShape
+from .shapes import LinearShape, ModelShape
 
 __all__ = ["PhaseEstimate", "ResourcePlan", "Shortfall", "plan_resources", "shortfalls"]
 
@@ -158,9 +158,10 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         detail=f"{config.calibration.nsamples} x {seqlen} tokens through the stem")
 
     # A block: H for each group solved in one stage (all of them by default), the largest solver workspace.
-    grams = [(16.0 if dense_targets else 8.0) * d * d for d in shape.groups.values()]  # H (and K) in float64
+    solved = _solved_groups(shape, solver)
+    grams = [(16.0 if dense_targets else 8.0) * d * d for d in solved.values()]  # H (and K) in float64
     held_grams = max(grams) if solver.true_sequential else sum(grams)
-    workspace = max(_workspace(solver.method, layer.d_out, layer.d_in) for layer in shape.linears)
+    workspace = max(_workspace(solver.method, layer.d_out, layer.d_in) for layer in _solved_linears(shape, solver))
     block32 = shape.block_params * 4
     resident = 0.0 if offloaded and on_gpu else boundary  # the inputs on the device
     solve_peak = block32 + resident + held_grams + workspace + batch_activations
@@ -261,6 +262,23 @@ def _workspace(method: str, d_out: int, d_in: int) -> float:
     return 16 * rect  # scores and the sort's indices
 
 
+def _solved_linears(shape: ModelShape, solver: SolverSpec) -> tuple[LinearShape, ...]:
+    """The layers a block solve solves: every linear, or with structured pruning its output projections alone."""
+    if solver.structured is None:
+        return shape.linears
+    from ..model.adapters import ADAPTERS  # loads transformers: only structured plans need it
+
+    roles = ADAPTERS[shape.model_type].structure
+    names = {roles.mlp_output} if solver.structured.mlp else set()
+    names |= {roles.attention_output} if solver.structured.heads else set()
+    return tuple(layer for layer in shape.linears if layer.name in names)
+
+
+def _solved_groups(shape: ModelShape, solver: SolverSpec) -> dict[str, int]:
+    """Each solved group's H width, by the group's first layer."""
+    return {layer.group: layer.d_in for layer in _solved_linears(shape, solver)}
+
+
 def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: int, rates: MachineRates) -> float:
     solver = config.solver
     groups = len(shape.groups)
@@ -274,12 +292,13 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
         # The dense block for the target, the error before, and per epoch a forward and a backward (about twice
         # a forward) over every window.
         passes += 2 + 3 * solver.refine.epochs
-    flops = passes * forward + sum(gram_matrix_flops(tokens, d) for d in shape.groups.values())
+    solved = _solved_groups(shape, solver)
+    flops = passes * forward + sum(gram_matrix_flops(tokens, d) for d in solved.values())
     if solver.targets == "dense":
-        flops += sum(2.0 * tokens * d * d for d in shape.groups.values())  # the cross Gram X_p^T X_d, full
+        flops += sum(2.0 * tokens * d * d for d in solved.values())  # the cross Gram X_p^T X_d, full
     eigh = 0.0
     method = solver.method
-    for layer in shape.linears:
+    for layer in _solved_linears(shape, solver):
         d_out, d = layer.d_out, layer.d_in
         step = 2.0 * d_out * d * d  # one (d_out, d) x (d, d) product
         if method in _TYPICAL_ADMM:
@@ -290,7 +309,7 @@ def _block_seconds(shape: ModelShape, config: PruneConfig, tokens: int, seqlen: 
             flops += (1 + iterations + backsolve) * step + updates * float(d) ** 3
         elif method == "sparsegpt":
             flops += d_out * d * d  # the lazy column-block updates
-    for d in shape.groups.values():  # what a group's members share: one decomposition of H
+    for d in solved.values():  # what a group's members share: one decomposition of H
         if method in _ALPS_FAMILY:
             eigh += rates.eigh(d)
         elif method == "sparsegpt":

@@ -568,10 +568,11 @@ def _solver_settings(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def prune_tags(config: Mapping[str, Any], output: Path | None = None) -> dict[str, str]:
-    """Tags ``alps runs`` filters and shows on: model, method, pattern (and model_path)."""
+    """Tags ``alps runs`` filters and shows on: model, method, pattern (a structure's text for structured pruning)
+    (and model_path)."""
     solver = _solver_settings(config)
     tags = {"model": str(config.get("model", "")), "method": str(solver.get("method", "")),
-            "pattern": str(solver.get("pattern", ""))}
+            "pattern": str(solver.get("structured") or solver.get("pattern", ""))}
     if output is not None:
         tags["model_path"] = str(output)
     return tags
