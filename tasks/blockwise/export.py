@@ -137,15 +137,16 @@ def _write_shrunk(model: PreparedModel, blocks: list[BlockResult], plan: Structu
     current: dict[str, Any] = {}  # the block being written: write_like goes through a block's tensors together
 
     def block_of(name: str) -> tuple[str, BlockResult] | None:
-        prefix = name[: len(adapter.layers_path) + 1] + name[len(adapter.layers_path) + 1:].split(".", 1)[0] + "."
-        return (prefix, by_prefix[prefix]) if prefix in by_prefix else None
+        # Prefixes end in a dot, so block 1's never matches block 10's names.
+        prefix = next((prefix for prefix in by_prefix if name.startswith(prefix)), None)
+        return None if prefix is None else (prefix, by_prefix[prefix])
 
     def shrunk(prefix: str, block: BlockResult) -> dict[str, torch.Tensor]:
         if current.get("prefix") != prefix:
             with safe_open(str(block.weights.path), framework="pt") as handle:
                 tensors = {n[len(prefix):]: handle.get_tensor(n) for n in handle.keys()}
             small, kept = shrink_block(tensors, plan)
-            current.update(prefix=prefix, tensors=small, pruned=tensors)
+            current.update(prefix=prefix, tensors=small)
             kept_by_block[block.index] = kept
         return current["tensors"]
 
@@ -178,10 +179,13 @@ def _verify_shrunk(original: Checkpoint, saved: Checkpoint, blocks: list[BlockRe
     if sorted(saved.names) != sorted(original.names):
         problems.append("the saved tensor names differ from the original checkpoint's")
     roles = plan.roles
+    prefixes = tuple(adapter.block_prefix(block.index) for block in blocks)
     for name, tensor in saved.iter_tensors():
         if name in expected and list(expected[name].shape) != list(tensor.shape):
             problems.append(f"{name}: shape {list(tensor.shape)}, the smaller config's model has "
                             f"{list(expected[name].shape)}")
+        if not name.startswith(prefixes) and not torch.equal(tensor, original.tensors([name])[name]):
+            problems.append(f"{name}: changed although it is outside the pruned blocks")
     for block in blocks:
         prefix, structure = adapter.block_prefix(block.index), kept[block.index]
         with safe_open(str(block.weights.path), framework="pt") as handle:
@@ -214,10 +218,6 @@ def _verify_shrunk(original: Checkpoint, saved: Checkpoint, blocks: list[BlockRe
                     problems.append(f"{prefix}{name}: the kept rows are not the original's")
             elif not torch.equal(tensor, before[name]):
                 problems.append(f"{prefix}{name}: changed although structured pruning leaves it as it is")
-    prefixes = tuple(adapter.block_prefix(block.index) for block in blocks)
-    for name, tensor in saved.iter_tensors():
-        if not name.startswith(prefixes) and not torch.equal(tensor, original.tensors([name])[name]):
-            problems.append(f"{name}: changed although it is outside the pruned blocks")
     if problems:
         raise VerificationError("the smaller model failed verification: " + " | ".join(problems[:10]))
     parameters = {"before": _parameters(original), "after": _parameters(saved)}

@@ -75,15 +75,6 @@ class StructurePlan:
                         "head_dim": self.head_dim}
         return updates
 
-    def describe(self) -> str:
-        parts = []
-        if self.kept_neurons < self.neurons:
-            parts.append(f"MLP neurons {self.neurons} -> {self.kept_neurons} per block")
-        if self.kept_heads < self.heads:
-            parts.append(f"attention heads {self.heads} -> {self.kept_heads} per block "
-                         f"(key/value heads {self.kv_heads} -> {self.kept_kv_heads})")
-        return "; ".join(parts)
-
     def to_json(self) -> dict[str, Any]:
         return {"structure": str(self.structure), "neurons": self.neurons, "kept_neurons": self.kept_neurons,
                 "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
