@@ -55,7 +55,14 @@ sys.path.insert(0, str(REPO))
 WORKER = REPO / "bench" / "llmcompressor_worker.py"
 LAYER_WORKER = REPO / "bench" / "llmcompressor_layers.py"
 
-from bench.processes import ALPS, PPL_SEQLEN, add_calibration_options, measure_perplexity, run_measured  # noqa: E402
+from bench.processes import (  # noqa: E402
+    ALPS,
+    PPL_SEQLEN,
+    add_calibration_options,
+    isolated_env,
+    measure_perplexity,
+    run_measured,
+)
 from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 from tasks.config.prune import RuntimeConfig  # noqa: E402
 
@@ -412,17 +419,19 @@ def prune_theirs(method: str, pattern: str, python: Path, dense: Path, tokens: P
     return run_measured(command, env, work, check=check)
 
 
-def prune_ours(method: str, pattern: str, dense: Path, output: Path, args: argparse.Namespace,
+def prune_ours(method: str, pattern: str | None, dense: Path, output: Path, args: argparse.Namespace,
                env: dict[str, str], work: Path, tokens_sha256: str,
                batch_size: int | None = None, extra: Iterable[str] = ()) -> tuple[float, float | None, dict[str, Any]]:
-    """One ``alps prune`` run on an empty cache (``extra``: more of its options); stops unless its report names the
-    windows ``tokens_sha256`` (the ones given to llm-compressor)."""
+    """One ``alps prune`` run on an empty cache (``extra``: more of its options; ``pattern`` None when they name
+    the pattern, as ``--structured`` does); stops unless its report names the windows ``tokens_sha256`` (the ones
+    given to llm-compressor)."""
     cache = work / f"cache-{output.name}"
     shutil.rmtree(cache, ignore_errors=True)  # a fresh cache: no calibration capture is reused
-    command = [ALPS, "prune", "--model", str(dense), "--method", method, "--pattern", pattern,
-               "--calib", args.calibration, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-               "--seed", str(args.seed), "--output", str(output), "--cache-dir", str(cache),
-               "--threads", str(args.threads), "--overwrite", "--no-eval"]
+    command = [ALPS, "prune", "--model", str(dense), "--method", method,
+               *(["--pattern", pattern] if pattern is not None else []), "--calib", args.calibration,
+               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+               "--output", str(output), "--cache-dir", str(cache), "--threads", str(args.threads), "--overwrite",
+               "--no-eval"]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     if batch_size is not None:
@@ -568,11 +577,7 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="alps-vs-llmc-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     output = Path(args.output).resolve()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
-               PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS=str(args.threads),
-               TOKENIZERS_PARALLELISM="false")
+    env = isolated_env(work, args.threads)
     python = ensure_llmc_venv(Path(args.llmc_venv).resolve())
     print(f"work folder {work}", flush=True)
 

@@ -36,6 +36,16 @@ def run_measured(command: list[str], env: dict[str, str], cwd: Path | None = Non
     return seconds, peak, log, done.returncode
 
 
+def isolated_env(work: Path, threads: int) -> dict[str, str]:
+    """The environment of a benchmark's runs: offline, MLflow and Prefect state inside ``work``, ``threads``
+    OpenMP threads."""
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
+                PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+                PREFECT_SERVER_ANALYTICS_ENABLED="false", OMP_NUM_THREADS=str(threads),
+                TOKENIZERS_PARALLELISM="false")
+
+
 def add_calibration_options(parser: argparse.ArgumentParser) -> None:
     """--model, --calibration, --data-dir, --nsamples and --seqlen, with the benchmarks' defaults."""
     parser.add_argument("--model", default="smollm2-135m")

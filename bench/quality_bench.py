@@ -52,7 +52,7 @@ from bench.compare_llmcompressor import (  # noqa: E402
     save_calibration,
 )
 from bench.compare_llmcompressor import evaluate as evaluate_perplexity  # noqa: E402
-from bench.processes import add_calibration_options  # noqa: E402
+from bench.processes import add_calibration_options, isolated_env  # noqa: E402
 from tasks.common.files import atomic_write_json, atomic_write_text  # noqa: E402
 
 COMPARISON = REPO / "bench" / "results" / "compare_llmcompressor.json"
@@ -143,10 +143,7 @@ def main() -> None:
     temporary_work = args.work is None
     work = Path(args.work or tempfile.mkdtemp(prefix="alps-quality-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MLFLOW_TRACKING_URI=f"sqlite:///{work / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
-               PREFECT_HOME=str(work / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               OMP_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false")
+    env = isolated_env(work, args.threads)
     dense = materialise_dense(args.model, work)
     sha = save_calibration(dense, args, work / "calibration.safetensors")
     if sha != comparison["settings"]["tokens_sha256"]:

@@ -87,7 +87,20 @@ def plan_for(reference: str, config: PruneConfig, *, shape: ModelShape | None = 
     seqlen = cap_seqlen(config.calibration.seqlen, shape.max_positions or None)
     if baseline is None:  # the current RSS: a peak from before (or inherited across exec) would overstate it
         baseline = float(psutil.Process().memory_info().rss)
-    return plan_resources(reference, shape, config, seqlen, rates, target, baseline)
+    return plan_resources(reference, shape, config, seqlen, rates, target, baseline,
+                          output_shape=_output_shape(reference, config, shape))
+
+
+def _output_shape(reference: str, config: PruneConfig, shape: ModelShape) -> ModelShape | None:
+    """The saved model's shapes when structured pruning makes it smaller; None when it keeps ``shape``."""
+    if config.solver.structured is None:
+        return None
+    from ..model.structure import plan_structure
+
+    model_config = config_of(reference)
+    for key, value in plan_structure(model_config, config.solver.structured).config_updates().items():
+        setattr(model_config, key, value)
+    return replace(model_shape(model_config), checkpoint_bytes=shape.checkpoint_bytes)
 
 
 def available(config: PruneConfig, device: str) -> Available:

@@ -117,10 +117,11 @@ class Shortfall:
 
 
 def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: int, rates: MachineRates,
-                   device: str, baseline: float) -> ResourcePlan:
+                   device: str, baseline: float, output_shape: ModelShape | None = None) -> ResourcePlan:
     """The plan of pruning ``shape`` with ``config`` (calibration windows of ``seqlen`` tokens, the configured
     length capped by the model) on a ``device`` of type cpu or cuda; ``baseline`` is the process's own RAM
-    (interpreter, torch, transformers, Prefect) before any model is loaded."""
+    (interpreter, torch, transformers, Prefect) before any model is loaded. ``output_shape`` is the saved
+    model's when it differs (structured pruning writes a smaller one); by default ``shape``."""
     runtime, solver = config.runtime, config.solver
     tokens = config.calibration.nsamples * seqlen
     batch_tokens = min(runtime.batch_size, config.calibration.nsamples) * seqlen
@@ -192,11 +193,12 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
     # Save: stream every tensor into the output folder and verify it; the scratch still holds the weights.
     # Tensors are read through memory maps, whose pages count in the process's RAM: the file being written
     # and verified, beside a block's worth of the originals and the pruned block files.
+    output_bytes = (output_shape or shape).model_bytes
     save_host = baseline + shape.shard_bytes + 3 * block_stored
     save = PhaseEstimate(
         "save", disk=weights_on_disk + (boundaries - 1) * boundary, host=save_host,
         device=0.0 if on_gpu else save_host,
-        seconds=2 * shape.model_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{shape.model_bytes / GB:.2f} GB written")
+        seconds=2 * output_bytes / _WRITE_BYTES_PER_SECOND, detail=f"{output_bytes / GB:.2f} GB written")
 
     phases = (calibration, blocks, save)
     if solver.allocation.method != "uniform":
@@ -210,7 +212,7 @@ def plan_resources(model: str, shape: ModelShape, config: PruneConfig, seqlen: i
         assumptions.append(f"{method}: {iterations} ADMM iterations and {updates} rho updates per layer (typical "
                            "of the bundled model; the real count depends on the layer)")
     return ResourcePlan(model=model, device=device, shape=shape, boundary=boundary, boundaries_on_disk=boundaries,
-                        output=shape.model_bytes, block_seconds=block_seconds, phases=phases,
+                        output=output_bytes, block_seconds=block_seconds, phases=phases,
                         rates=rates, assumptions=tuple(assumptions))
 
 

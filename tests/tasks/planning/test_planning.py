@@ -28,7 +28,7 @@ def config(**settings) -> PruneConfig:
     sections = {"nsamples": "calibration", "seqlen": "calibration", "activation_dtype": "calibration",
                 "keep_every": "runtime", "keep_activations": "runtime", "offload_activations": "runtime",
                 "batch_size": "runtime", "true_sequential": "solver", "method": "solver", "refine": "solver",
-                "allocation": "solver"}
+                "allocation": "solver", "structured": "solver"}
     settings.setdefault("activation_dtype", "float32")  # the hand-checked sizes below are float32's
     nested: dict = {}
     for name, value in settings.items():
@@ -137,6 +137,25 @@ def test_an_allocation_adds_its_dense_pass_and_the_error_allocation_its_solves(t
     extra = plans["error"].phases[1].seconds - plans["one point"].phases[1].seconds
     assert extra == pytest.approx(80 * 4 * sweeps / 100e9)
     assert plans["error"].seconds > plans["owl"].seconds > plans["uniform"].seconds
+
+
+def test_a_structured_plan_saves_the_smaller_model(tmp_path):
+    """With --structured the output folder is the smaller model's: Llama-3.1-70B at mlp:0.3,heads:0.25 keeps 70% of
+    each block's 28672 neurons (three rows or columns of 8192 each) and 6 of every 8 query heads per key/value
+    group (q_proj's rows and o_proj's columns, 128 each); only down_proj and o_proj are solved."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA_70B))
+    shape = model_shape(load_model_config(path))
+    full = plan_for(str(path), config(nsamples=128, seqlen=2048), rates=RATES, device="cuda", baseline=0)
+    smaller = plan_for(str(path), config(nsamples=128, seqlen=2048, structured="mlp:0.3,heads:0.25"), rates=RATES,
+                       device="cuda", baseline=0)
+    kept_neurons = round(0.7 * 28672)
+    removed = 3 * (28672 - kept_neurons) * 8192 + 2 * (64 - 48) * 128 * 8192  # per block
+    assert full.output == shape.model_bytes
+    assert smaller.output == shape.model_bytes - 80 * removed * 2  # bf16
+    assert smaller.phases[-1].seconds == pytest.approx(full.phases[-1].seconds * smaller.output / full.output)
+    assert smaller.scratch == full.scratch  # the solved blocks stay full-size until the save
+    assert smaller.block_seconds < full.block_seconds  # two layers solved, not seven
 
 
 def test_what_does_not_fit_names_the_numbers_and_the_fixes(tmp_path):
