@@ -54,6 +54,7 @@ from bench.compare_llmcompressor import (  # noqa: E402
 from bench.compare_llmcompressor import evaluate as evaluate_perplexity  # noqa: E402
 from bench.processes import add_calibration_options, isolated_env  # noqa: E402
 from tasks.common.files import SPARSITY_MANIFEST_FILE, atomic_write_json, atomic_write_text  # noqa: E402
+from tasks.model.checkpoint import Checkpoint  # noqa: E402
 
 BASELINES = ("wanda-ls", "magnitude")
 GOAL_STRUCTURE, GOAL_RATIO = "mlp:0.3", 0.7  # ALPS / the better baseline, both sets
@@ -177,17 +178,9 @@ def render_markdown(record: dict[str, Any]) -> str:
 
 
 def dense_row(dense: Path, args: argparse.Namespace, env: dict[str, str], work: Path) -> dict[str, Any]:
-    import math
-
-    from safetensors import safe_open
-
     config = json.loads((dense / "config.json").read_text())
-    parameters = 0
-    for file in dense.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as handle:
-            parameters += sum(math.prod(handle.get_slice(n).get_shape()) for n in handle.keys())
     return {"neurons": config["intermediate_size"], "heads": config["num_attention_heads"],
-            "parameters": parameters, "bytes": folder_size(dense),
+            "parameters": Checkpoint(dense).parameters(), "bytes": folder_size(dense),
             **evaluate_perplexity(dense, "dense", args, env, work)}
 
 
@@ -275,16 +268,15 @@ def main() -> None:
                 print(f"{structure:20s} {method:10s} " + "  ".join(
                     f"{EVAL_NAMES[s]} {row[f'{s}_ppl']:9.3f}" for s in EVAL_SETS)
                     + f"  parameters {row['parameters'] / 1e6:.1f}M  wall {seconds:5.0f} s", flush=True)
-            if args.speed and structure not in timed and (folder / "config.json").is_file():
-                speed = measure_speed(dense, folder, args, env, work / f"speed-{folder.name}.json")
-                manifest = json.loads((folder / SPARSITY_MANIFEST_FILE).read_text())
-                record["speed"].append({"structure": structure, "timed_folder_of": method,
-                                        "parameters": manifest["parameters"]["after"], **speed})
-                timed.add(structure)
-                save()
-                print(f"{structure:20s} decode {speed['decode_speedup']:.2f}x  prefill "
-                      f"{speed['prefill_speedup']:.2f}x", flush=True)
-            shutil.rmtree(folder, ignore_errors=True)
+                if args.speed and structure not in timed:  # the first folder of this shape, any method's
+                    speed = measure_speed(dense, folder, args, env, work / f"speed-{folder.name}.json")
+                    record["speed"].append({"structure": structure, "timed_folder_of": method,
+                                            "parameters": row["parameters"], **speed})
+                    timed.add(structure)
+                    save()
+                    print(f"{structure:20s} decode {speed['decode_speedup']:.2f}x  prefill "
+                          f"{speed['prefill_speedup']:.2f}x", flush=True)
+                shutil.rmtree(folder, ignore_errors=True)
     save()
     print(render_markdown(record))
     if temporary_work:

@@ -11,7 +11,6 @@ every other tensor is bit-identical to the original. A failed save leaves the pr
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
@@ -220,23 +219,13 @@ def _verify_shrunk(original: Checkpoint, saved: Checkpoint, blocks: list[BlockRe
                 problems.append(f"{prefix}{name}: changed although structured pruning leaves it as it is")
     if problems:
         raise VerificationError("the smaller model failed verification: " + " | ".join(problems[:10]))
-    parameters = {"before": _parameters(original), "after": _parameters(saved)}
+    parameters = {"before": original.parameters(), "after": saved.parameters()}
     return {"structure": plan.to_json(), "config": plan.config_updates(), "parameters": parameters,
             "removed_fraction": 1.0 - parameters["after"] / max(parameters["before"], 1),
             "bytes": {"before": sum(f.stat().st_size for f in original.files()),
                       "after": sum(f.stat().st_size for f in saved.files())},
             "blocks": [{"index": index, "neurons": kept[index].neurons, "heads": kept[index].heads,
                         "kv_heads": kept[index].kv_heads} for index in sorted(kept)]}
-
-
-def _parameters(checkpoint: Checkpoint) -> int:
-    """Stored parameters, from the file headers alone."""
-    total = 0
-    for file in checkpoint.files():
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total
 
 
 def release_activations(records: list[FileRecord]) -> int:

@@ -79,6 +79,14 @@ class Checkpoint:
                         out[name] = _TORCH_DTYPES[handle.get_slice(name).get_dtype()]
         return out
 
+    def parameters(self) -> int:
+        """How many parameters the checkpoint stores, from the file headers alone."""
+        total = 0
+        for file in self.files():
+            with safe_open(file, framework="pt") as handle:
+                total += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+        return total
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor, one at a time, in file order."""
         for file in sorted(set(self.weight_map.values())):
